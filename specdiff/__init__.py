@@ -1,0 +1,29 @@
+"""specdiff: training-free acceleration of diffusion transformers by self-speculative token caching."""
+
+from specdiff.engine.runtime import GenerationSummary
+from specdiff.integration import SUPPORTED, UnsupportedModelError, disable, enable, is_enabled, summary
+from specdiff.policies.base import ConfigError
+from specdiff.policies.full import FullComputeConfig
+from specdiff.policies.random_tokens import RandomTokensConfig
+from specdiff.policies.ras import RASConfig
+from specdiff.policies.registry import POLICIES, config_for
+from specdiff.policies.specdiff import SpecDiffConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "FullComputeConfig",
+    "GenerationSummary",
+    "POLICIES",
+    "RASConfig",
+    "RandomTokensConfig",
+    "SUPPORTED",
+    "SpecDiffConfig",
+    "UnsupportedModelError",
+    "config_for",
+    "disable",
+    "enable",
+    "is_enabled",
+    "summary",
+]

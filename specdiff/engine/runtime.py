@@ -1,0 +1,269 @@
+"""The model-agnostic engine: one denoising step on a chosen subset of image tokens.
+
+An adapter calls `begin_step` after its patch embedding (which returns the
+image tokens to run, or None for all) and `end_step` with the per-token
+outputs of those tokens (which returns the full grid). Between the two, the
+adapter's attention processors read the shared AttentionContext. State is
+kept per generation and per branch (a branch is a second call of the
+transformer at the same timestep, e.g. FLUX's true CFG), never globally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from specdiff.engine.attention import AttentionContext
+from specdiff.engine.history import HISTORY_LENGTH, TokenHistory
+from specdiff.policies.base import Policy, StepPlan, StepSignals
+
+
+@dataclasses.dataclass
+class StepRecord:
+    phase: str  # "speculative" or "real"
+    branch: int
+    step: int
+    timestep: float
+    kind: str  # "dense" or "sparse"
+    computed: int  # C1 tokens per row
+    reused: float  # C2 tokens, mean over rows
+    approximated: float  # C3 tokens, mean over rows
+    tokens: int
+    scoring_seconds: float
+
+
+@dataclasses.dataclass
+class GenerationSummary:
+    method: str
+    config: object
+    records: list[StepRecord] = dataclasses.field(default_factory=list)
+    speculation_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def scoring_seconds(self) -> float:
+        return sum(r.scoring_seconds for r in self.records)
+
+    def real_steps(self) -> list[StepRecord]:
+        return [r for r in self.records if r.phase == "real"]
+
+    def computed_fraction(self) -> float:
+        """Image-token forwards run, over those of full compute (speculation included)."""
+        real = self.real_steps()
+        if not real:
+            return 0.0
+        done = sum(r.computed for r in self.records)
+        return done / sum(r.tokens for r in real)
+
+    def __str__(self) -> str:
+        lines = [f"method: {self.method}   config: {self.config}"]
+        lines.append(f"{'phase':<12}{'branch':>6}{'step':>5}{'timestep':>10}{'kind':>8}{'C1':>7}{'C2':>8}{'C3':>8}")
+        for r in self.records:
+            lines.append(
+                f"{r.phase:<12}{r.branch:>6}{r.step:>5}{r.timestep:>10.1f}{r.kind:>8}"
+                f"{r.computed:>7}{r.reused:>8.1f}{r.approximated:>8.1f}"
+            )
+        lines.append(
+            f"total {self.total_seconds:.3f} s; speculation {self.speculation_seconds:.3f} s "
+            f"({100 * self.speculation_seconds / max(self.total_seconds, 1e-9):.1f}%); scoring and bookkeeping "
+            f"{self.scoring_seconds:.3f} s ({100 * self.scoring_seconds / max(self.total_seconds, 1e-9):.1f}%); "
+            f"image-token work {100 * self.computed_fraction():.1f}% of full compute"
+        )
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class BranchState:
+    history: TokenHistory = dataclasses.field(default_factory=TokenHistory)
+    kv: dict = dataclasses.field(default_factory=dict)
+    attention: torch.Tensor | None = None  # taps of the last step
+    future: list[tuple[float, torch.Tensor]] = dataclasses.field(default_factory=list)
+    step: int = 0
+
+
+class Runtime:
+    """One per accelerated transformer."""
+
+    def __init__(self, policy: Policy, seed: int = 0, auto_num_steps: int | None = None) -> None:
+        self.policy = policy
+        self.auto_num_steps = auto_num_steps  # bare transformer: generations found from the timesteps
+        self.seed = seed
+        self.context = AttentionContext()
+        self.phase: str | None = None  # None: outside a generation, plain compute
+        self.num_steps = 0
+        self.cfg_groups = 1
+        self.summary: GenerationSummary | None = None
+        self.last_summary: GenerationSummary | None = None
+        self._branches: list[BranchState] = []
+        self._speculated: list[list[tuple[float, torch.Tensor]]] = []
+        self._last_timestep: float | None = None
+        self._branch = 0
+        self._plan: StepPlan | None = None
+        self._step_timestep = 0.0
+        self._generator = torch.Generator()
+        self._started = 0.0
+
+    # -- generation boundaries ---------------------------------------------
+    def start_generation(self, num_steps: int, cfg_groups: int = 1) -> None:
+        self.num_steps = num_steps
+        self.cfg_groups = cfg_groups
+        self.summary = GenerationSummary(self.policy.config.method, self.policy.config)
+        self._speculated = []
+        self._generator.manual_seed(self.seed)
+        self._started = time.perf_counter()
+        self._enter_phase("real")
+
+    def start_speculation(self) -> None:
+        self._enter_phase("speculative")
+
+    def end_speculation(self) -> None:
+        self._speculated = [b.future for b in self._branches]
+        self._enter_phase("real")
+
+    def finish_generation(self) -> None:
+        if self.summary is not None:
+            self.summary.total_seconds = time.perf_counter() - self._started
+            self.last_summary = self.summary
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop every per-generation tensor (also after an error)."""
+        self.phase = None
+        self.summary = None
+        self._branches = []
+        self._speculated = []
+        self._last_timestep = None
+        self._plan = None
+        self.context.enabled = False
+        self.context.kv = None
+        self.context.active = None
+        self.context.tap_sum = None
+
+    def _auto_boundaries(self, timestep: float) -> None:
+        """Bare transformer: a generation ends after num_steps steps or when the timestep rises."""
+        if self.phase is not None:
+            done = bool(self._branches) and self._branches[0].step >= self.auto_num_steps
+            rising = self._last_timestep is not None and timestep > self._last_timestep
+            if done and timestep != self._last_timestep or rising:
+                self.finish_generation()
+        if self.phase is None:
+            self.start_generation(self.auto_num_steps)
+
+    def _enter_phase(self, phase: str) -> None:
+        self.phase = phase
+        self._branches = []
+        self._last_timestep = None
+
+    # -- steps -------------------------------------------------------------
+    def _branch_for(self, timestep: float) -> BranchState:
+        if self._last_timestep is not None and timestep == self._last_timestep:
+            self._branch += 1
+        else:
+            self._branch = 0
+        self._last_timestep = timestep
+        while len(self._branches) <= self._branch:
+            state = BranchState()
+            if len(self._speculated) > len(self._branches):
+                state.future = self._speculated[len(self._branches)]
+            self._branches.append(state)
+        return self._branches[self._branch]
+
+    def begin_step(self, timestep: float, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """Plan this call; return (B, n) image tokens to run, or None for all."""
+        ctx = self.context
+        if self.auto_num_steps is not None:
+            self._auto_boundaries(timestep)
+        if self.phase is None:
+            ctx.enabled = False
+            return None
+        tic = time.perf_counter()
+        branch = self._branch_for(timestep)
+        if branch.history.outputs and branch.history.outputs[0].shape[:2] != (batch, num_tokens):
+            raise RuntimeError(
+                f"the batch or image size changed inside one generation "
+                f"({tuple(branch.history.outputs[0].shape[:2])} -> {(batch, num_tokens)})"
+            )
+        if self.phase == "speculative":
+            plan = StepPlan()
+        else:
+            signals = StepSignals(
+                step=branch.step,
+                num_steps=self.num_steps,
+                timestep=timestep,
+                batch=batch,
+                num_tokens=num_tokens,
+                device=device,
+                attention=branch.attention,
+                future=lambda t, b=branch: nearest_future(b.future, t),
+                cached_count=branch.history.cached_count,
+                last_outputs=branch.history.outputs,
+                cfg_groups=self.cfg_groups if batch % max(self.cfg_groups, 1) == 0 else 1,
+                generator=self._generator,
+            )
+            plan = self.policy.plan(signals)
+            if plan.compute is not None and not branch.history.outputs:
+                plan = StepPlan()  # nothing cached yet: the first step always runs every token
+        self._plan = plan
+        self._step_timestep = timestep
+        ctx.enabled = True
+        ctx.active = plan.compute
+        ctx.num_image_tokens = num_tokens
+        ctx.kv = branch.kv
+        ctx.tap_sum = None
+        taps = self.policy.uses_attention or self.phase == "speculative"
+        ctx.tap_queries = getattr(self.policy.config, "tap_queries", 64) if taps else 0
+        ctx.tap_include_text = getattr(self.policy.config, "tap_include_text", False)
+        self._scoring = time.perf_counter() - tic
+        return plan.compute
+
+    def end_step(self, computed: torch.Tensor) -> torch.Tensor:
+        """Take (B, n, P) outputs of the active tokens; return the full (B, N, P) grid."""
+        ctx = self.context
+        if self.phase is None:
+            return computed
+        tic = time.perf_counter()
+        branch = self._branches[self._branch]
+        plan = self._plan
+        had_three = len(branch.history) >= HISTORY_LENGTH
+        output = branch.history.assemble(computed, plan.compute, plan.reuse, self._step_timestep)
+        branch.history.record(output, plan.compute, self._step_timestep)
+        if ctx.tap_sum is not None:
+            if self.phase == "speculative":
+                branch.future.append((self._step_timestep, ctx.tap_sum))
+            branch.attention = ctx.tap_sum
+        n_tokens = output.shape[1]
+        if plan.compute is None:
+            c1, c2, c3 = n_tokens, 0.0, 0.0
+        else:
+            c1 = plan.compute.shape[1]
+            if plan.reuse is None or not had_three:
+                # fewer than three outputs before this step: every cached token copies
+                c2, c3 = float(n_tokens - c1), 0.0
+            else:
+                computed_mask = torch.zeros_like(plan.reuse).scatter(1, plan.compute, True)
+                c2 = (plan.reuse & ~computed_mask).sum(1).float().mean().item()
+                c3 = float(n_tokens - c1) - c2
+        self.summary.records.append(
+            StepRecord(
+                phase=self.phase, branch=self._branch, step=branch.step, timestep=self._step_timestep,
+                kind="dense" if plan.compute is None else "sparse", computed=c1, reused=c2, approximated=c3,
+                tokens=n_tokens, scoring_seconds=self._scoring + time.perf_counter() - tic,
+            )
+        )
+        branch.step += 1
+        ctx.active = None
+        ctx.tap_sum = None
+        return output
+
+
+def nearest_future(future: list[tuple[float, torch.Tensor]], timestep: float) -> torch.Tensor | None:
+    """The speculative map at the closest timestep at or below `timestep`
+    (next in denoising order); the last one when none lies ahead."""
+    if not future:
+        return None
+    ahead = [(t, m) for t, m in future if t <= timestep]
+    if not ahead:
+        return min(future, key=lambda e: e[0])[1]
+    return max(ahead, key=lambda e: e[0])[1]

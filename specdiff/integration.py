@@ -1,0 +1,219 @@
+"""One call to accelerate a stock diffusers pipeline (or bare transformer), one to undo it.
+
+    specdiff.enable(pipe, specdiff.SpecDiffConfig(cache_ratio=0.9))
+    image = pipe(prompt).images[0]
+    print(specdiff.summary(pipe))
+    specdiff.disable(pipe)
+
+Only the given instance changes. On a pipeline, its class is swapped for a
+per-instance subclass (same name) whose __call__ runs the speculative pass
+and brackets the generation; `disable` puts the original class back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+
+from specdiff.adapters.base import Adapter
+from specdiff.adapters.flux import FluxAdapter
+from specdiff.adapters.sd3 import SD3Adapter
+from specdiff.engine.runtime import GenerationSummary, Runtime
+from specdiff.policies.base import PolicyConfig
+from specdiff.policies.registry import make_policy
+from specdiff.policies.specdiff import SpecDiffConfig
+
+ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter)
+SUPPORTED = "diffusers SD3Transformer2DModel (SD3, SD3.5, the embedded model) and FluxTransformer2DModel (FLUX.1)"
+
+_STATE_ATTR = "_specdiff_state"
+
+
+class UnsupportedModelError(TypeError):
+    """The object is not a pipeline or transformer that specdiff can accelerate."""
+
+
+class _State:
+    def __init__(self, adapter: Adapter, runtime: Runtime, pipeline=None, original_class=None) -> None:
+        self.adapter = adapter
+        self.runtime = runtime
+        self.pipeline = pipeline
+        self.original_class = original_class
+
+
+def _transformer_of(obj):
+    if isinstance(obj, torch.nn.Module):
+        return obj, None
+    transformer = getattr(obj, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer, obj
+    raise UnsupportedModelError(
+        f"specdiff.enable expects a diffusers pipeline with a .transformer or a transformer model, "
+        f"got {type(obj).__name__}; supported: {SUPPORTED}"
+    )
+
+
+def _adapter_for(transformer) -> type[Adapter]:
+    for adapter in ADAPTERS:
+        if adapter.supports(transformer):
+            return adapter
+    raise UnsupportedModelError(f"{type(transformer).__name__} is not supported; supported: {SUPPORTED}")
+
+
+def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int | None = None, seed: int = 0):
+    """Accelerate `obj` (a pipeline, or a bare transformer given num_inference_steps).
+
+    config: any method's config (default SpecDiffConfig()). seed: for
+    policies that draw random numbers. Returns obj.
+    """
+    config = config if config is not None else SpecDiffConfig()
+    if not isinstance(config, PolicyConfig):
+        raise TypeError(f"config must be a specdiff config (e.g. SpecDiffConfig), got {type(config).__name__}")
+    transformer, pipeline = _transformer_of(obj)
+    adapter_type = _adapter_for(transformer)
+    if getattr(transformer, _STATE_ATTR, None) is not None:
+        raise RuntimeError(f"specdiff is already enabled on this {type(obj).__name__}; call specdiff.disable first")
+    policy = make_policy(config)
+    if pipeline is None:
+        if num_inference_steps is None or num_inference_steps < 1:
+            raise ValueError("on a bare transformer, enable needs num_inference_steps >= 1 (steps per generation)")
+        if policy.speculative_steps > 0:
+            raise ValueError(
+                f"{type(config).__name__}.speculative_steps={policy.speculative_steps} needs the pipeline to run the "
+                "speculative pass: pass the pipeline, or set speculative_steps=0 on a bare transformer"
+            )
+    runtime = Runtime(policy, seed=seed, auto_num_steps=num_inference_steps if pipeline is None else None)
+    adapter = adapter_type(transformer, runtime)
+    adapter.install()
+    state = _State(adapter, runtime)
+    if pipeline is not None:
+        state.pipeline = pipeline
+        state.original_class = type(pipeline)
+        pipeline.__class__ = _accelerated_class(type(pipeline))
+    setattr(transformer, _STATE_ATTR, state)
+    return obj
+
+
+def disable(obj):
+    """Restore `obj` exactly: original forward, attention processors and class. Returns obj."""
+    transformer, _ = _transformer_of(obj)
+    state = getattr(transformer, _STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
+    state.runtime.abort()
+    state.adapter.uninstall()
+    if state.pipeline is not None:
+        state.pipeline.__class__ = state.original_class
+    delattr(transformer, _STATE_ATTR)
+    return obj
+
+
+def is_enabled(obj) -> bool:
+    transformer, _ = _transformer_of(obj)
+    return getattr(transformer, _STATE_ATTR, None) is not None
+
+
+def summary(obj) -> GenerationSummary | None:
+    """What the last generation did, step by step (None before the first)."""
+    transformer, _ = _transformer_of(obj)
+    state = getattr(transformer, _STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
+    runtime = state.runtime
+    return runtime.summary if runtime.summary is not None and runtime.auto_num_steps else runtime.last_summary
+
+
+# -- the pipeline side ---------------------------------------------------------
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def _accelerated_class(cls: type) -> type:
+    if cls not in _CLASS_CACHE:
+        _CLASS_CACHE[cls] = type(cls.__name__, (cls,), {"__call__": _accelerated_call, "__module__": cls.__module__})
+    return _CLASS_CACHE[cls]
+
+
+def _call_arguments(pipe, args, kwargs) -> inspect.BoundArguments:
+    signature = inspect.signature(type(pipe).__mro__[1].__call__)
+    bound = signature.bind(pipe, *args, **kwargs)
+    bound.apply_defaults()
+    return bound
+
+
+def _uses_cfg(pipe, arguments: dict) -> int:
+    """2 when the pipeline batches [uncond, cond] rows in one transformer call."""
+    scale = arguments.get("guidance_scale")
+    if scale is None or getattr(pipe.transformer.config, "guidance_embeds", False):
+        return 1  # FLUX: guidance is embedded, or true CFG runs a second call
+    return 2 if scale > 1 else 1
+
+
+@contextlib.contextmanager
+def _same_randomness(arguments: dict):
+    """Run a block, then put every RNG the pipeline may draw from back as it was."""
+    generators = arguments.get("generator")
+    generators = generators if isinstance(generators, list) else [generators] if generators is not None else []
+    states = [g.get_state() for g in generators]
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        for g, s in zip(generators, states):
+            g.set_state(s)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _accelerated_call(pipe, *args, **kwargs):
+    state: _State = getattr(pipe.transformer, _STATE_ATTR)
+    runtime = state.runtime
+    base_call = state.original_class.__call__
+    bound = _call_arguments(pipe, args, kwargs)
+    arguments = dict(bound.arguments)
+    arguments.pop("self", None)
+    extra = arguments.pop("kwargs", None) or {}
+    arguments.update(extra)
+    num_steps = arguments.get("num_inference_steps")
+    if arguments.get("timesteps") is not None:
+        num_steps = len(arguments["timesteps"])
+    if arguments.get("sigmas") is not None:
+        num_steps = len(arguments["sigmas"])
+    runtime.start_generation(int(num_steps), cfg_groups=_uses_cfg(pipe, arguments))
+    try:
+        if runtime.policy.speculative_steps > 0:
+            _speculate(pipe, base_call, arguments, runtime)
+        result = base_call(pipe, **arguments)
+        runtime.finish_generation()
+        return result
+    except BaseException:
+        runtime.abort()
+        raise
+
+
+def _speculate(pipe, base_call, arguments: dict, runtime: Runtime) -> None:
+    import time
+
+    tic = time.perf_counter()
+    spec_args = dict(arguments)
+    spec_args.update(num_inference_steps=runtime.policy.speculative_steps, output_type="latent")
+    for key in ("timesteps", "sigmas", "callback_on_step_end"):
+        if key in spec_args:
+            spec_args[key] = None
+    progress = getattr(pipe, "_progress_bar_config", None)
+    runtime.start_speculation()
+    with _same_randomness(arguments):
+        try:
+            pipe.set_progress_bar_config(disable=True)
+            base_call(pipe, **spec_args)
+        finally:
+            if progress is None:
+                vars(pipe).pop("_progress_bar_config", None)
+            else:
+                pipe._progress_bar_config = progress
+    runtime.end_speculation()
+    runtime.summary.speculation_seconds = time.perf_counter() - tic

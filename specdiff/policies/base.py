@@ -1,0 +1,144 @@
+"""What a caching policy is: a typed config and an answer to "which tokens run this step"."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A config field holds a value outside its allowed range."""
+
+
+def check_range(config, name: str, low: float, high: float, *, low_open=False, high_open=False) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{type(config).__name__}.{name} must be a number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{type(config).__name__}.{name} must be in {interval}, got {value!r}")
+
+
+def check_int(config, name: str, low: int, high: int | None = None) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{type(config).__name__}.{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        upper = "" if high is None else f", at most {high}"
+        raise ConfigError(f"{type(config).__name__}.{name} must be at least {low}{upper}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """Base of every method's config. `method` names it in the registry."""
+
+    method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden by each config
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseScheduleConfig(PolicyConfig):
+    """Shared by the token-skipping methods: which steps run every token.
+
+    warmup_steps: the first steps of the real run that compute every token.
+    reset_steps: further step indices (0-based) that compute every token,
+      refreshing every cached output ("error reset" in RAS).
+    """
+
+    warmup_steps: int = 4
+    reset_steps: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        check_int(self, "warmup_steps", 1)
+        if not isinstance(self.reset_steps, tuple) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.reset_steps
+        ):
+            raise ConfigError(
+                f"{type(self).__name__}.reset_steps must be a tuple of step indices >= 0, got {self.reset_steps!r}"
+            )
+
+    def is_dense(self, step: int) -> bool:
+        return step < self.warmup_steps or step in self.reset_steps
+
+
+@dataclasses.dataclass
+class StepSignals:
+    """What a policy may look at when it plans a step of one branch."""
+
+    step: int
+    num_steps: int
+    timestep: float
+    batch: int
+    num_tokens: int
+    device: torch.device
+    attention: torch.Tensor | None  # (B, N) attention received in the previous real step
+    future: Callable[[float], torch.Tensor | None]  # speculative attention for a timestep
+    cached_count: torch.Tensor | None  # (B, N) steps each token has gone uncomputed
+    last_outputs: list[torch.Tensor]  # most recent first, (B, N, P)
+    cfg_groups: int  # rows r and r + B / cfg_groups belong to one prompt (1 = no sharing)
+    generator: torch.Generator
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """compute: (B, n) image tokens that run (None = all); reuse: (B, N) True where
+    a non-computed token copies its last output, False where it is approximated
+    from its last three (None = every non-computed token copies)."""
+
+    compute: torch.Tensor | None = None
+    reuse: torch.Tensor | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.compute is None
+
+
+DENSE = StepPlan()
+
+
+class Policy:
+    """Decides, per step, which image tokens run and how the others are filled."""
+
+    config: PolicyConfig
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+
+    @property
+    def speculative_steps(self) -> int:
+        return 0
+
+    @property
+    def uses_attention(self) -> bool:
+        return False
+
+    def plan(self, signals: StepSignals) -> StepPlan:
+        raise NotImplementedError
+
+
+def share_across_cfg(scores: torch.Tensor, groups: int) -> torch.Tensor:
+    """Average each prompt's scores over its CFG rows so they share one selection."""
+    if groups <= 1:
+        return scores
+    per_prompt = scores.reshape(groups, -1, scores.shape[-1]).mean(0)
+    return per_prompt.repeat(groups, 1)
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    """Scale each row to mean 1 so products of scores do not depend on their units."""
+    return scores / scores.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def top_tokens(scores: torch.Tensor, cache_ratio: float) -> torch.Tensor:
+    """(B, n) indices of the (1 - cache_ratio) highest-scoring tokens, n >= 1."""
+    count = max(1, round((1.0 - cache_ratio) * scores.shape[-1]))
+    return scores.topk(count, dim=-1, sorted=False).indices

@@ -1,0 +1,20 @@
+"""Full compute (the paper's "RFlow" baseline): every token, every step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from specdiff.policies.base import DENSE, Policy, PolicyConfig, StepPlan, StepSignals
+
+
+@dataclasses.dataclass(frozen=True)
+class FullComputeConfig(PolicyConfig):
+    """No field: every step runs every token. For fewer steps, pass fewer
+    num_inference_steps to the pipeline."""
+
+    method = "full"
+
+
+class FullComputePolicy(Policy):
+    def plan(self, signals: StepSignals) -> StepPlan:
+        return DENSE

@@ -1,0 +1,41 @@
+"""Ablation: SpecDiff's schedule and multi-level fill, but tokens chosen at random.
+
+Tells how much of SpecDiff's quality comes from its scores rather than from
+the number of tokens it computes. Random draws come from a generator seeded
+per generation, so results reproduce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from specdiff.policies.base import DENSE, DenseScheduleConfig, Policy, StepPlan, StepSignals, check_range, top_tokens
+from specdiff.policies.specdiff import lowest_mass
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomTokensConfig(DenseScheduleConfig):
+    """cache_ratio: share of image tokens not computed on a sparse step, [0, 1).
+    reuse_mass: as in SpecDiffConfig, applied to the random scores."""
+
+    method = "random"
+
+    cache_ratio: float = 0.9
+    reuse_mass: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "cache_ratio", 0.0, 1.0, high_open=True)
+        check_range(self, "reuse_mass", 0.0, 1.0)
+
+
+class RandomTokensPolicy(Policy):
+    config: RandomTokensConfig
+
+    def plan(self, signals: StepSignals) -> StepPlan:
+        if self.config.is_dense(signals.step) or not signals.last_outputs:
+            return DENSE
+        score = torch.rand(signals.batch, signals.num_tokens, generator=signals.generator).to(signals.device)
+        return StepPlan(compute=top_tokens(score, self.config.cache_ratio), reuse=lowest_mass(score, self.config.reuse_mass))

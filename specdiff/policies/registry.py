@@ -1,0 +1,30 @@
+"""Every method, by name. Adding one = a new file and a line here."""
+
+from __future__ import annotations
+
+from specdiff.policies.base import ConfigError, Policy, PolicyConfig
+from specdiff.policies.full import FullComputeConfig, FullComputePolicy
+from specdiff.policies.random_tokens import RandomTokensConfig, RandomTokensPolicy
+from specdiff.policies.ras import RASConfig, RASPolicy
+from specdiff.policies.specdiff import SpecDiffConfig, SpecDiffPolicy
+
+POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {
+    SpecDiffConfig.method: (SpecDiffConfig, SpecDiffPolicy),
+    FullComputeConfig.method: (FullComputeConfig, FullComputePolicy),
+    RASConfig.method: (RASConfig, RASPolicy),
+    RandomTokensConfig.method: (RandomTokensConfig, RandomTokensPolicy),
+}
+
+
+def make_policy(config: PolicyConfig) -> Policy:
+    for config_type, policy_type in POLICIES.values():
+        if type(config) is config_type:
+            return policy_type(config)
+    known = ", ".join(c.__name__ for c, _ in POLICIES.values())
+    raise ConfigError(f"unknown config type {type(config).__name__}; expected one of: {known}")
+
+
+def config_for(method: str, **fields) -> PolicyConfig:
+    if method not in POLICIES:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(POLICIES)}")
+    return POLICIES[method][0](**fields)

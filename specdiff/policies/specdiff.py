@@ -1,0 +1,104 @@
+"""SpecDiff (Pan et al., AAAI 2026): self-speculative, multi-level token caching.
+
+Per sparse step every image token gets
+    score = his * fut * exp(starvation_scale * cached_count)
+his: attention it received in the previous real step; fut: attention it
+received in the speculative run at the nearest future speculative timestep
+(the closest at or below the current one; the last one when none is left).
+Both are normalised to mean 1 per row. The top (1 - cache_ratio) tokens run
+(C1); of the rest, the lowest-score tokens holding `reuse_mass` of the total
+score copy their last output (C2); the others (C3) take the weighted average
+of their last three outputs (engine/history.py).
+
+Choices where the paper is silent (see DESIGN.md): cached_count resets when
+a token is computed (as in RAS); the C2 mass is over all tokens; CFG rows of
+one prompt share one selection; attention is averaged over heads and summed
+over layers, from `tap_queries` sampled image queries per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from specdiff.policies.base import (
+    DENSE,
+    DenseScheduleConfig,
+    Policy,
+    StepPlan,
+    StepSignals,
+    check_int,
+    check_range,
+    normalise,
+    share_across_cfg,
+    top_tokens,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecDiffConfig(DenseScheduleConfig):
+    """cache_ratio: share of image tokens NOT computed on a sparse step, [0, 1).
+    speculative_steps: dense steps of the speculative run (0 = no future term).
+    starvation_scale: lambda in exp(lambda * times cached); 1.0 is the paper's form.
+    reuse_mass: score mass of the lowest tokens that copy their last output (C2).
+    tap_queries: sampled queries per attention layer that measure attention received.
+    tap_include_text: whether text-token queries also count (MMDiT joint attention).
+    share_cfg_selection: CFG rows of one prompt use one token selection.
+    """
+
+    method = "specdiff"
+
+    cache_ratio: float = 0.9
+    speculative_steps: int = 2
+    starvation_scale: float = 1.0
+    reuse_mass: float = 0.1
+    tap_queries: int = 64
+    tap_include_text: bool = False
+    share_cfg_selection: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "cache_ratio", 0.0, 1.0, high_open=True)
+        check_int(self, "speculative_steps", 0, 10)
+        check_range(self, "starvation_scale", 0.0, 10.0)
+        check_range(self, "reuse_mass", 0.0, 1.0)
+        check_int(self, "tap_queries", 1, 4096)
+
+
+class SpecDiffPolicy(Policy):
+    config: SpecDiffConfig
+
+    @property
+    def speculative_steps(self) -> int:
+        return self.config.speculative_steps
+
+    @property
+    def uses_attention(self) -> bool:
+        return True
+
+    def scores(self, signals: StepSignals) -> torch.Tensor:
+        cfg = self.config
+        score = normalise(signals.attention.float())
+        future = signals.future(signals.timestep)
+        if future is not None:
+            score = score * normalise(future.float())
+        if cfg.starvation_scale > 0 and signals.cached_count is not None:
+            score = score * torch.exp(cfg.starvation_scale * signals.cached_count.float())
+        if cfg.share_cfg_selection:
+            score = share_across_cfg(score, signals.cfg_groups)
+        return score
+
+    def plan(self, signals: StepSignals) -> StepPlan:
+        if self.config.is_dense(signals.step) or signals.attention is None:
+            return DENSE
+        score = self.scores(signals)
+        compute = top_tokens(score, self.config.cache_ratio)
+        return StepPlan(compute=compute, reuse=lowest_mass(score, self.config.reuse_mass))
+
+
+def lowest_mass(score: torch.Tensor, mass: float) -> torch.Tensor:
+    """(B, N) True for the lowest-score tokens whose scores add up to at most `mass` of the total."""
+    ordered, order = score.sort(dim=-1)
+    within = ordered.cumsum(dim=-1) <= mass * ordered.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(within).scatter(-1, order, within)

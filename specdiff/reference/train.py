@@ -1,0 +1,131 @@
+"""Train the embedded model (rectified flow, as in SD3), seeded and resumable.
+
+    python -m specdiff.reference.train --out runs/scene-model --steps 10000
+
+Every `--save-every` steps it writes a checkpoint (weights, EMA weights,
+optimizer, RNG states, loss log) under --out; rerunning the same command
+continues from the latest one. `--export DIR` writes the EMA weights as a
+diffusers folder (see specdiff.reference.pipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from specdiff.reference.model import TRANSFORMER_CONFIG, build_transformer
+from specdiff.reference.scenes import make_batch
+from specdiff.reference.text_encoder import SceneTextEncoder
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, loss log)")
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--object-weight", type=float, default=4.0, help="extra loss weight on object pixels")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    return p.parse_args(argv)
+
+
+def logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.sigmoid(torch.randn(batch, generator=generator))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = args.out / "checkpoint.pt"
+
+    torch.manual_seed(args.seed)
+    model = build_transformer()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    data_rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    step = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        data_rng.setstate(state["data_rng"])
+        gen.set_state(state["gen"])
+        step = state["step"]
+        print(f"resumed at step {step}")
+    encoder = SceneTextEncoder()
+    empty_tokens, empty_pooled = encoder([""])
+
+    log_path = args.out / "loss.csv"
+    new_log = not log_path.exists() or step == 0
+    log = open(log_path, "w" if new_log else "a", newline="")
+    writer = csv.writer(log)
+    if new_log:
+        writer.writerow(["step", "loss", "seconds"])
+    (args.out / "args.json").write_text(json.dumps({**vars(args), "out": str(args.out), "config": TRANSFORMER_CONFIG}, indent=1))
+
+    model.train()
+    started = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="training", smoothing=0.05)
+    while step < args.steps:
+        images, masks, captions, _ = make_batch(data_rng, args.batch_size)
+        x0 = torch.from_numpy(images)
+        weight = 1.0 + args.object_weight * torch.from_numpy(masks).unsqueeze(1)
+        tokens, pooled = encoder(captions)
+        drop = torch.rand(args.batch_size, generator=gen) < args.caption_dropout
+        tokens = torch.where(drop[:, None, None], empty_tokens, tokens)
+        pooled = torch.where(drop[:, None], empty_pooled, pooled)
+
+        t = logit_normal(args.batch_size, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        target = noise - x0
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        pred = model(xt, tokens, pooled, t * 1000).sample
+        loss = (weight * (pred - target) ** 2).mean() / weight.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        writer.writerow([step, f"{loss.item():.5f}", f"{time.time() - started:.1f}"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % args.save_every == 0 or step == args.steps:
+            log.flush()
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save(
+                {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "data_rng": data_rng.getstate(), "gen": gen.get_state(), "step": step},
+                tmp,
+            )
+            os.replace(tmp, ckpt_path)  # never a half-written checkpoint
+    bar.close()
+    log.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Stock StableDiffusion3Pipeline / FluxPipeline objects with tiny random weights, built offline.
+
+For tests and engine benchmarks: the pipeline code is diffusers' own; only
+the components are small. Tokenizers are built in memory from a character
+vocabulary, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+_CHARS = list(string.ascii_lowercase) + list(string.digits) + list(".,!?'")
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in _CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + c, -1.0) for c in _CHARS] + [(c, -2.0) for c in _CHARS]
+    return T5Tokenizer(vocab=pieces)
+
+
+def _clip_text_encoder(hidden: int, projection: int, vocab: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, projection_dim=projection, max_position_embeddings=77,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def _t5_encoder(d_model: int, vocab: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=1, num_heads=2)
+    return T5EncoderModel(config)
+
+
+def _vae(latent_channels: int, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=64, **extra,
+    )
+
+
+def _eval(pipe):
+    """Modules built from configs start in training mode (dropout on): switch it off."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+def tiny_sd3_pipeline(width: int = 64, layers: int = 2, heads: int = 2, seed: int = 0, dual_attention: bool = False):
+    """A StableDiffusion3Pipeline with random weights; VAE downsamples by 2, patch 2."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tokenizer = _clip_tokenizer()
+    vocab = len(tokenizer)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+        attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=64,
+        caption_projection_dim=width, pooled_projection_dim=64, pos_embed_max_size=64,
+        dual_attention_layers=(0,) if dual_attention else (), qk_norm="rms_norm" if dual_attention else None,
+    )
+    return _eval(StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(4, shift_factor=0.0, scaling_factor=1.0),
+        text_encoder=_clip_text_encoder(32, 32, vocab), tokenizer=tokenizer,
+        text_encoder_2=_clip_text_encoder(32, 32, vocab), tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=_t5_encoder(64, len(_t5_tokenizer())), tokenizer_3=_t5_tokenizer(),
+    ))
+
+
+def tiny_flux_pipeline(width: int = 64, double_layers: int = 1, single_layers: int = 2, heads: int = 2, seed: int = 0):
+    """A FluxPipeline with random weights and embedded guidance (like FLUX.1-dev)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    head_dim = width // heads
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=None, num_layers=double_layers,
+        num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(head_dim - 2 * (head_dim // 8 * 3), head_dim // 8 * 3, head_dim // 8 * 3),
+    )
+    clip = _clip_text_encoder(32, 32, len(_clip_tokenizer()))
+    from transformers import CLIPTextModel
+
+    clip_plain = CLIPTextModel(clip.config)
+    return _eval(FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        ),
+        vae=_vae(4, shift_factor=0.0, scaling_factor=1.0),
+        text_encoder=clip_plain, tokenizer=_clip_tokenizer(),
+        text_encoder_2=_t5_encoder(64, len(_t5_tokenizer())), tokenizer_2=_t5_tokenizer(),
+    ))
