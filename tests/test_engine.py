@@ -1,0 +1,182 @@
+"""The engine and the one-call API on stock diffusers SD3 and FLUX pipelines (tiny, random weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdiff
+from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+
+STEPS = 8
+
+
+def generate(pipe, seed=0, **extra):
+    args = dict(
+        prompt="a red cat", num_inference_steps=STEPS, height=64, width=64,
+        generator=torch.Generator().manual_seed(seed), output_type="pt",
+    )
+    args.update(extra)
+    return pipe(**args).images
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASES = {
+    "sd3-cfg": (tiny_sd3_pipeline, dict(guidance_scale=5.0)),
+    "sd35-dual-attention": (lambda: tiny_sd3_pipeline(dual_attention=True), dict(guidance_scale=5.0)),
+    "flux-embedded-guidance": (tiny_flux_pipeline, dict(guidance_scale=3.5)),
+    "flux-true-cfg": (tiny_flux_pipeline, dict(guidance_scale=3.5, negative_prompt="blurry", true_cfg_scale=2.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_token_computed_matches_plain_model(case):
+    build, extra = CASES[case]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    plain = generate(pipe, **extra)
+    specdiff.enable(pipe, specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1))
+    try:
+        fast = generate(pipe, **extra)
+        summary = specdiff.summary(pipe)
+    finally:
+        specdiff.disable(pipe)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    sparse = [r for r in summary.real_steps() if r.kind == "sparse"]
+    assert len(sparse) >= STEPS - 1  # the token-subset path really ran
+    if case == "flux-true-cfg":
+        assert {r.branch for r in summary.real_steps()} == {0, 1}
+
+
+def test_disable_restores_exact_behaviour(sd3):
+    transformer = sd3.transformer
+    processors = dict(transformer.attn_processors)
+    original_class = type(sd3)
+    before = generate(sd3, guidance_scale=5.0)
+    specdiff.enable(sd3, specdiff.SpecDiffConfig(cache_ratio=0.8, warmup_steps=2))
+    accelerated = generate(sd3, guidance_scale=5.0)
+    specdiff.disable(sd3)
+    after = generate(sd3, guidance_scale=5.0)
+    assert not torch.equal(accelerated, before)  # the cache did change something
+    assert torch.equal(after, before)
+    assert type(sd3) is original_class
+    assert "forward" not in vars(transformer)
+    assert all(transformer.attn_processors[k] is v for k, v in processors.items())
+    assert not specdiff.is_enabled(sd3)
+
+
+def test_other_instances_untouched():
+    first, second = tiny_sd3_pipeline(seed=1), tiny_sd3_pipeline(seed=1)
+    for p in (first, second):
+        p.set_progress_bar_config(disable=True)
+    expected = generate(second)
+    specdiff.enable(first, specdiff.SpecDiffConfig(cache_ratio=0.9, warmup_steps=2))
+    try:
+        assert type(second) is not type(first)
+        assert torch.equal(generate(second), expected)
+        assert not specdiff.is_enabled(second)
+    finally:
+        specdiff.disable(first)
+
+
+@pytest.mark.parametrize("which", ["sd3", "flux"])
+def test_no_state_leaks_between_generations(which, request):
+    pipe = request.getfixturevalue(which)
+    specdiff.enable(pipe, specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2))
+    try:
+        first = generate(pipe, seed=3)
+        # other batch sizes, a non-square size and another prompt in between
+        generate(pipe, seed=5, num_images_per_prompt=2)
+        generate(pipe, seed=6, prompt=["a cat", "two dogs on a long red sofa"], height=48, width=80)
+        again = generate(pipe, seed=3)
+    finally:
+        specdiff.disable(pipe)
+    assert torch.equal(first, again)
+
+
+def test_batch_rows_get_their_own_selection(sd3):
+    specdiff.enable(sd3, specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2))
+    try:
+        batch = generate(sd3, prompt=["a red cat", "a blue dog"], guidance_scale=5.0)
+    finally:
+        specdiff.disable(sd3)
+    assert batch.shape[0] == 2 and torch.isfinite(batch).all()
+
+
+def test_bare_transformer_given_steps():
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    plain = generate(pipe)
+    with pytest.raises(ValueError, match="speculative_steps"):
+        specdiff.enable(pipe.transformer, specdiff.SpecDiffConfig(), num_inference_steps=STEPS)
+    specdiff.enable(
+        pipe.transformer, specdiff.SpecDiffConfig(cache_ratio=0.0, speculative_steps=0, warmup_steps=1),
+        num_inference_steps=STEPS,
+    )
+    try:
+        fast = generate(pipe)
+        again = generate(pipe)
+        summary = specdiff.summary(pipe.transformer)
+    finally:
+        specdiff.disable(pipe.transformer)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, plain, rtol=1e-5, atol=1e-5)
+    assert len(summary.real_steps()) == STEPS
+
+
+def test_bad_configs_name_the_field_and_range():
+    with pytest.raises(specdiff.ConfigError, match=r"cache_ratio must be in \[0.0, 1.0\)"):
+        specdiff.SpecDiffConfig(cache_ratio=1.0)
+    with pytest.raises(specdiff.ConfigError, match="speculative_steps"):
+        specdiff.SpecDiffConfig(speculative_steps=-1)
+    with pytest.raises(specdiff.ConfigError, match="warmup_steps must be at least 1"):
+        specdiff.SpecDiffConfig(warmup_steps=0)
+    with pytest.raises(specdiff.ConfigError, match="reset_steps"):
+        specdiff.SpecDiffConfig(reset_steps=[3])
+    with pytest.raises(specdiff.ConfigError, match="metric"):
+        specdiff.RASConfig(metric="max")
+    with pytest.raises(specdiff.ConfigError, match="unknown method"):
+        specdiff.config_for("teacache2")
+
+
+def test_unsupported_models_are_refused(sd3):
+    with pytest.raises(specdiff.UnsupportedModelError, match="SD3Transformer2DModel"):
+        specdiff.enable(torch.nn.Linear(2, 2))
+    with pytest.raises(specdiff.UnsupportedModelError, match="supported"):
+        specdiff.enable(object())
+    specdiff.enable(sd3)
+    try:
+        with pytest.raises(RuntimeError, match="already enabled"):
+            specdiff.enable(sd3)
+    finally:
+        specdiff.disable(sd3)
+    with pytest.raises(RuntimeError, match="not enabled"):
+        specdiff.disable(sd3)
+
+
+def test_an_error_mid_generation_leaves_no_state(sd3):
+    specdiff.enable(sd3, specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2))
+    try:
+        reference = generate(sd3, seed=2)
+
+        def boom(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            generate(sd3, seed=2, callback_on_step_end=lambda p, i, t, kw: boom() if i == 4 else kw)
+        assert torch.equal(generate(sd3, seed=2), reference)
+    finally:
+        specdiff.disable(sd3)
