@@ -185,14 +185,52 @@ def _accelerated_call(pipe, *args, **kwargs):
         num_steps = len(arguments["sigmas"])
     runtime.start_generation(int(num_steps), cfg_groups=_uses_cfg(pipe, arguments))
     try:
-        if runtime.policy.speculative_steps > 0:
-            _speculate(pipe, base_call, arguments, runtime)
-        result = base_call(pipe, **arguments)
+        with _prompts_encoded_once(pipe):
+            if runtime.policy.speculative_steps > 0:
+                _speculate(pipe, base_call, arguments, runtime)
+            result = base_call(pipe, **arguments)
         runtime.finish_generation()
         return result
     except BaseException:
         runtime.abort()
         raise
+
+
+def _same_argument(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+@contextlib.contextmanager
+def _prompts_encoded_once(pipe):
+    """The speculative and the real pass encode the same prompts: encode them once."""
+    encode = getattr(pipe, "encode_prompt", None)
+    if encode is None or "encode_prompt" in vars(pipe):
+        yield
+        return
+    seen: list[tuple[tuple, dict, object]] = []
+
+    def encode_once(*args, **kwargs):
+        for old_args, old_kwargs, result in seen:
+            if (
+                len(old_args) == len(args) and old_kwargs.keys() == kwargs.keys()
+                and all(_same_argument(x, y) for x, y in zip(old_args, args))
+                and all(_same_argument(old_kwargs[k], kwargs[k]) for k in kwargs)
+            ):
+                return result
+        result = encode(*args, **kwargs)
+        seen.append((args, kwargs, result))
+        return result
+
+    pipe.encode_prompt = encode_once
+    try:
+        yield
+    finally:
+        vars(pipe).pop("encode_prompt", None)
 
 
 def _speculate(pipe, base_call, arguments: dict, runtime: Runtime) -> None:

@@ -11,7 +11,8 @@ score copy their last output (C2); the others (C3) take the weighted average
 of their last three outputs (engine/history.py).
 
 Choices where the paper is silent (see DESIGN.md): cached_count resets when
-a token is computed (as in RAS); the C2 mass is over all tokens; CFG rows of
+a token is computed (as in RAS); the C2 mass is over all tokens and uses
+his * fut without the starvation factor; CFG rows of
 one prompt share one selection; attention is averaged over heads and summed
 over layers, from `tap_queries` sampled image queries per layer.
 """
@@ -77,24 +78,30 @@ class SpecDiffPolicy(Policy):
     def uses_attention(self) -> bool:
         return True
 
-    def scores(self, signals: StepSignals) -> torch.Tensor:
-        cfg = self.config
+    def importance(self, signals: StepSignals) -> torch.Tensor:
+        """his * fut, each normalised to mean 1 per row."""
         score = normalise(signals.attention.float())
         future = signals.future(signals.timestep)
         if future is not None:
             score = score * normalise(future.float())
-        if cfg.starvation_scale > 0 and signals.cached_count is not None:
-            score = score * torch.exp(cfg.starvation_scale * signals.cached_count.float())
-        if cfg.share_cfg_selection:
+        if self.config.share_cfg_selection:
             score = share_across_cfg(score, signals.cfg_groups)
         return score
 
     def plan(self, signals: StepSignals) -> StepPlan:
         if self.config.is_dense(signals.step) or signals.attention is None:
             return DENSE
-        score = self.scores(signals)
+        importance = self.importance(signals)
+        score = importance
+        if self.config.starvation_scale > 0 and signals.cached_count is not None:
+            starvation = signals.cached_count.float()
+            if self.config.share_cfg_selection:
+                starvation = share_across_cfg(starvation, signals.cfg_groups)
+            score = importance * torch.exp(self.config.starvation_scale * starvation)
         compute = top_tokens(score, self.config.cache_ratio)
-        return StepPlan(compute=compute, reuse=lowest_mass(score, self.config.reuse_mass))
+        # C2 is chosen on importance alone: starvation says how long a token has waited,
+        # not how much its output moves, and its exponential would swamp the mass rule.
+        return StepPlan(compute=compute, reuse=lowest_mass(importance, self.config.reuse_mass))
 
 
 def lowest_mass(score: torch.Tensor, mass: float) -> torch.Tensor:

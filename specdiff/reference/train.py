@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--export", type=Path, default=None, help="write the EMA weights of --out's checkpoint here and exit")
     return p.parse_args(argv)
 
 
@@ -50,6 +51,9 @@ def logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.export is not None:
+        export_checkpoint(args.out / "checkpoint.pt", args.export)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +129,16 @@ def main(argv=None) -> None:
             os.replace(tmp, ckpt_path)  # never a half-written checkpoint
     bar.close()
     log.close()
+
+
+def export_checkpoint(checkpoint: Path, folder: Path) -> None:
+    from specdiff.reference.pipeline import export_pipeline
+
+    state = torch.load(checkpoint, weights_only=False)
+    model = build_transformer()
+    model.load_state_dict(state["ema"])
+    export_pipeline(model, folder)
+    print(f"exported the EMA weights of step {state['step']} to {folder}")
 
 
 if __name__ == "__main__":

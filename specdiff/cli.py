@@ -1,0 +1,236 @@
+"""The `specdiff` command.
+
+    specdiff generate "a large red circle at the top left on a white background"
+    specdiff generate "PROMPT" --method ras --cache-ratio 0.5
+    specdiff generate "PROMPT" --model /path/to/local/sd3-or-flux-folder --steps 28
+    specdiff methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _methods_table() -> str:
+    from specdiff.policies.registry import POLICIES
+
+    lines = []
+    for name, (config_type, _) in POLICIES.items():
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(config_type))
+        lines.append(f"{name:<10} {config_type.__name__}({fields})")
+    return "\n".join(lines)
+
+
+def _build_config(args):
+    from specdiff.policies.base import ConfigError
+    from specdiff.policies.registry import POLICIES, config_for
+
+    if args.method not in POLICIES:
+        raise CLIError(f"--method must be one of {', '.join(POLICIES)}, got {args.method!r}")
+    names = {f.name for f in dataclasses.fields(POLICIES[args.method][0])}
+    fields = {}
+    for option in ("cache_ratio", "warmup_steps", "speculative_steps", "starvation_scale", "reuse_mass", "tap_queries"):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if option not in names:
+            raise CLIError(f"--{option.replace('_', '-')} does not apply to --method {args.method}")
+        fields[option] = value
+    if args.reset_steps is not None:
+        if "reset_steps" not in names:
+            raise CLIError(f"--reset-steps does not apply to --method {args.method}")
+        fields["reset_steps"] = tuple(args.reset_steps)
+    try:
+        return config_for(args.method, **fields)
+    except ConfigError as error:
+        raise CLIError(str(error)) from None
+
+
+def load_pipeline(model: str | None, device: str, dtype_name: str):
+    """The embedded model (model=None), or a local diffusers SD3 / SD3.5 / FLUX folder."""
+    import torch
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
+    if model is None:
+        from specdiff.reference.pipeline import CorruptModelError, load_scene_pipeline
+
+        try:
+            return load_scene_pipeline(dtype=dtype).to(device), "embedded scene model"
+        except CorruptModelError as error:
+            raise CLIError(str(error)) from None
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise CLIError(f"--model {model}: no such folder (give a local diffusers pipeline folder)")
+    index = folder / "model_index.json"
+    if not index.exists():
+        if (folder / "transformer").is_dir() and (folder / "SHA256SUMS").exists():
+            from specdiff.reference.pipeline import CorruptModelError, load_scene_pipeline
+
+            try:
+                return load_scene_pipeline(folder, dtype=dtype).to(device), f"scene model at {folder}"
+            except CorruptModelError as error:
+                raise CLIError(str(error)) from None
+        raise CLIError(f"--model {model}: no model_index.json, so this is not a diffusers pipeline folder")
+    class_name = json.loads(index.read_text()).get("_class_name", "")
+    supported = ("StableDiffusion3Pipeline", "FluxPipeline")
+    if class_name not in supported:
+        raise CLIError(f"--model {model}: {class_name or 'unknown'} pipeline is not supported; supported: {', '.join(supported)}")
+    import diffusers
+
+    try:
+        pipe = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"--model {model}: could not load it offline: {error}") from None
+    return pipe.to(device), f"{class_name} at {folder}"
+
+
+def _generate(pipe, args, seed: int):
+    import torch
+
+    kwargs = dict(prompt=args.prompt, num_inference_steps=args.steps, output_type="pt")
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    if args.height:
+        kwargs["height"] = args.height
+    if args.width:
+        kwargs["width"] = args.width
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    image = pipe(**kwargs, generator=generator).images[0]
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return image.float().cpu(), time.perf_counter() - tic
+
+
+def _save(image, path: Path, scale: int) -> None:
+    from PIL import Image
+
+    array = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    picture = Image.fromarray(array)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    picture.save(path)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    import specdiff
+    from specdiff.evaluation.metrics import psnr, ssim
+
+    config = _build_config(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe, description = load_pipeline(args.model, args.device, args.dtype)
+    pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+    print(f"model: {description}; method: {config}")
+
+    # one short warm-up so that neither timed run pays for first-call costs
+    warm = argparse.Namespace(**{**vars(args), "steps": 2})
+    _generate(pipe, warm, args.seed)
+    times = {"full": [], "accelerated": []}
+    images = {}
+    for _ in range(args.repeats):
+        images["full"], seconds = _generate(pipe, args, args.seed)
+        times["full"].append(seconds)
+        specdiff.enable(pipe, config)
+        try:
+            images["accelerated"], seconds = _generate(pipe, args, args.seed)
+            summary = specdiff.summary(pipe)
+        finally:
+            specdiff.disable(pipe)
+        times["accelerated"].append(seconds)
+
+    full_s, fast_s = statistics.median(times["full"]), statistics.median(times["accelerated"])
+    speedup = statistics.median(f / a for f, a in zip(times["full"], times["accelerated"]))
+    quality_psnr = psnr(images["full"], images["accelerated"])
+    quality_ssim = ssim(images["full"], images["accelerated"])
+    out.mkdir(parents=True, exist_ok=True)
+    scale = max(1, 256 // max(images["full"].shape[-2:]))
+    _save(images["full"], out / "full.png", 1)
+    _save(images["accelerated"], out / f"{config.method}.png", 1)
+    side = torch.cat([images["full"], torch.ones(3, images["full"].shape[1], 1), images["accelerated"]], dim=2)
+    _save(side, out / "side_by_side.png", scale)
+    print(f"full compute : {full_s:.3f} s / image (median of {args.repeats})")
+    print(f"{config.method:<13}: {fast_s:.3f} s / image (speculation {summary.speculation_seconds:.3f} s, "
+          f"scoring {summary.scoring_seconds:.3f} s)")
+    print(f"speed-up     : {speedup:.2f}x wall-clock")
+    print(f"fidelity     : PSNR {quality_psnr:.2f} dB, SSIM {quality_ssim:.4f} (accelerated vs full compute)")
+    print(f"saved        : {out / 'full.png'}, {out / (config.method + '.png')}, {out / 'side_by_side.png'}")
+    if args.summary:
+        print(summary)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    print(_methods_table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdiff", description="Faster diffusion transformers by token caching.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate with full compute and with a cache; compare speed and fidelity")
+    gen.add_argument("prompt")
+    gen.add_argument("--method", default="specdiff", help="specdiff (default), ras, random, full")
+    gen.add_argument("--cache-ratio", type=float, dest="cache_ratio", help="share of image tokens not computed, [0, 1)")
+    gen.add_argument("--warmup-steps", type=int, dest="warmup_steps")
+    gen.add_argument("--reset-steps", type=int, nargs="*", dest="reset_steps")
+    gen.add_argument("--speculative-steps", type=int, dest="speculative_steps")
+    gen.add_argument("--starvation-scale", type=float, dest="starvation_scale")
+    gen.add_argument("--reuse-mass", type=float, dest="reuse_mass")
+    gen.add_argument("--tap-queries", type=int, dest="tap_queries")
+    gen.add_argument("--steps", type=int, default=28)
+    gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--repeats", type=int, default=3, help="timed runs of each (medians are reported)")
+    gen.add_argument("--model", default=None, help="local diffusers SD3 / SD3.5 / FLUX folder (default: embedded model)")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--out", default="specdiff-output", help="folder for the images (created)")
+    gen.add_argument("--summary", action="store_true", help="print the per-step table of the accelerated run")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    gen.set_defaults(func=cmd_generate)
+
+    methods = sub.add_parser("methods", help="list the methods and their config fields with defaults")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "steps", 1) is not None and getattr(args, "steps", 1) < 1:
+        print("specdiff: error: --steps must be at least 1", file=sys.stderr)
+        return 2
+    if getattr(args, "repeats", 1) < 1:
+        print("specdiff: error: --repeats must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except CLIError as error:
+        print(f"specdiff: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
