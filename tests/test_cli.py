@@ -1,0 +1,63 @@
+"""The `specdiff` command on the embedded model, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specdiff.cli import main
+
+
+def test_generate_prints_speed_and_fidelity_and_saves_images(tmp_path, capsys):
+    code = main([
+        "generate", "a large red circle at the top left on a white background", "--steps", "6", "--repeats", "1",
+        "--warmup-steps", "2", "--out", str(tmp_path / "out"), "--quiet", "--summary",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "speed-up" in out and "PSNR" in out and "SSIM" in out
+    assert "sparse" in out  # the per-step summary
+    for name in ("full.png", "specdiff.png", "side_by_side.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "x", "--model", "/no/such/folder"], "no such folder"),
+        (["generate", "x", "--cache-ratio", "1.5"], "cache_ratio must be in [0.0, 1.0)"),
+        (["generate", "x", "--method", "magic"], "--method must be one of"),
+        (["generate", "x", "--method", "ras", "--speculative-steps", "2"], "does not apply"),
+        (["generate", "x", "--steps", "0"], "--steps must be at least 1"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unsupported_model_folder(tmp_path, capsys):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    assert main(["generate", "x", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "StableDiffusionXLPipeline" in err and "StableDiffusion3Pipeline" in err
+
+
+def test_local_sd3_folder_loads_offline(tmp_path, capsys):
+    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    code = main([
+        "generate", "a cat", "--model", str(tmp_path / "sd3"), "--steps", "5", "--repeats", "1", "--height", "64",
+        "--width", "64", "--warmup-steps", "2", "--out", str(tmp_path / "out"), "--quiet",
+    ])
+    assert code == 0
+    assert "StableDiffusion3Pipeline" in capsys.readouterr().out
+
+
+def test_methods_lists_every_method(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("specdiff", "ras", "random", "full"):
+        assert name in out
