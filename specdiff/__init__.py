@@ -3,16 +3,21 @@
 from specdiff.engine.runtime import GenerationSummary
 from specdiff.integration import SUPPORTED, UnsupportedModelError, disable, enable, is_enabled, summary
 from specdiff.policies.base import ConfigError
+from specdiff.policies.first_block import FirstBlockCacheConfig
+from specdiff.policies.fora import FORAConfig
 from specdiff.policies.full import FullComputeConfig
 from specdiff.policies.random_tokens import RandomTokensConfig
 from specdiff.policies.ras import RASConfig
 from specdiff.policies.registry import POLICIES, config_for
 from specdiff.policies.specdiff import SpecDiffConfig
+from specdiff.policies.taylorseer import TaylorSeerConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "FORAConfig",
+    "FirstBlockCacheConfig",
     "FullComputeConfig",
     "GenerationSummary",
     "POLICIES",
@@ -20,6 +25,7 @@ __all__ = [
     "RandomTokensConfig",
     "SUPPORTED",
     "SpecDiffConfig",
+    "TaylorSeerConfig",
     "UnsupportedModelError",
     "config_for",
     "disable",

@@ -41,7 +41,10 @@ def _build_config(args):
         raise CLIError(f"--method must be one of {', '.join(POLICIES)}, got {args.method!r}")
     names = {f.name for f in dataclasses.fields(POLICIES[args.method][0])}
     fields = {}
-    for option in ("cache_ratio", "warmup_steps", "speculative_steps", "starvation_scale", "reuse_mass", "tap_queries"):
+    for option in (
+        "cache_ratio", "warmup_steps", "speculative_steps", "starvation_scale", "reuse_mass", "tap_queries",
+        "interval", "order", "threshold",
+    ):
         value = getattr(args, option)
         if value is None:
             continue
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate with full compute and with a cache; compare speed and fidelity")
     gen.add_argument("prompt")
-    gen.add_argument("--method", default="specdiff", help="specdiff (default), ras, random, full")
+    gen.add_argument("--method", default="specdiff", help="specdiff (default), ras, random, fora, taylorseer, firstblock, full")
     gen.add_argument("--cache-ratio", type=float, dest="cache_ratio", help="share of image tokens not computed, [0, 1)")
     gen.add_argument("--warmup-steps", type=int, dest="warmup_steps")
     gen.add_argument("--reset-steps", type=int, nargs="*", dest="reset_steps")
@@ -198,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--starvation-scale", type=float, dest="starvation_scale")
     gen.add_argument("--reuse-mass", type=float, dest="reuse_mass")
     gen.add_argument("--tap-queries", type=int, dest="tap_queries")
+    gen.add_argument("--interval", type=int, help="fora / taylorseer: steps between full steps")
+    gen.add_argument("--order", type=int, help="taylorseer: Taylor order")
+    gen.add_argument("--threshold", type=float, help="firstblock: relative change below which blocks are skipped")
     gen.add_argument("--steps", type=int, default=28)
     gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     gen.add_argument("--height", type=int, default=None)

@@ -136,15 +136,13 @@ class FluxAdapter(Adapter):
             )
         rope = (cos, sin)
         kwargs = joint_attention_kwargs or {}
-        for block in model.transformer_blocks:
-            text, tokens = block(
-                hidden_states=tokens, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope,
-                joint_attention_kwargs=kwargs,
-            )
-        for block in model.single_transformer_blocks:
-            text, tokens = block(
-                hidden_states=tokens, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope,
-                joint_attention_kwargs=kwargs,
+        blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+        for index, block in enumerate(blocks):
+            text, tokens = self.runtime.run_block(
+                index, len(blocks),
+                lambda x, c, b=block: b(hidden_states=x, encoder_hidden_states=c, temb=temb,
+                                        image_rotary_emb=rope, joint_attention_kwargs=kwargs),
+                tokens, text,
             )
         output = model.proj_out(model.norm_out(tokens, temb))
         output = self.runtime.end_step(output)

@@ -99,10 +99,13 @@ class SD3Adapter(Adapter):
         batch, num_tokens = tokens.shape[:2]
         active = self.runtime.begin_step(timestep_value(timestep), batch, num_tokens, tokens.device)
         tokens = gather_tokens(tokens, active)
-        for block in model.transformer_blocks:
-            text, tokens = block(
-                hidden_states=tokens, encoder_hidden_states=text, temb=temb,
-                joint_attention_kwargs=joint_attention_kwargs,
+        blocks = model.transformer_blocks
+        for index, block in enumerate(blocks):
+            text, tokens = self.runtime.run_block(
+                index, len(blocks),
+                lambda x, c, b=block: b(hidden_states=x, encoder_hidden_states=c, temb=temb,
+                                        joint_attention_kwargs=joint_attention_kwargs),
+                tokens, text,
             )
         tokens = model.proj_out(model.norm_out(tokens, temb))
         tokens = self.runtime.end_step(tokens)

@@ -32,6 +32,7 @@ class StepRecord:
     approximated: float  # C3 tokens, mean over rows
     tokens: int
     scoring_seconds: float
+    blocks_computed: float | None = None  # block-level policies: share of blocks run this step
 
 
 @dataclasses.dataclass
@@ -54,22 +55,25 @@ class GenerationSummary:
         real = self.real_steps()
         if not real:
             return 0.0
-        done = sum(r.computed for r in self.records)
+        done = sum(r.computed * (1.0 if r.blocks_computed is None else r.blocks_computed) for r in self.records)
         return done / sum(r.tokens for r in real)
 
     def __str__(self) -> str:
         lines = [f"method: {self.method}   config: {self.config}"]
-        lines.append(f"{'phase':<12}{'branch':>6}{'step':>5}{'timestep':>10}{'kind':>8}{'C1':>7}{'C2':>8}{'C3':>8}")
+        lines.append(
+            f"{'phase':<12}{'branch':>6}{'step':>5}{'timestep':>10}{'kind':>8}{'C1':>7}{'C2':>8}{'C3':>8}{'blocks run':>12}"
+        )
         for r in self.records:
+            blocks = "all" if r.blocks_computed is None else f"{100 * r.blocks_computed:.0f}%"
             lines.append(
                 f"{r.phase:<12}{r.branch:>6}{r.step:>5}{r.timestep:>10.1f}{r.kind:>8}"
-                f"{r.computed:>7}{r.reused:>8.1f}{r.approximated:>8.1f}"
+                f"{r.computed:>7}{r.reused:>8.1f}{r.approximated:>8.1f}{blocks:>12}"
             )
         lines.append(
             f"total {self.total_seconds:.3f} s; speculation {self.speculation_seconds:.3f} s "
             f"({100 * self.speculation_seconds / max(self.total_seconds, 1e-9):.1f}%); scoring and bookkeeping "
             f"{self.scoring_seconds:.3f} s ({100 * self.scoring_seconds / max(self.total_seconds, 1e-9):.1f}%); "
-            f"image-token work {100 * self.computed_fraction():.1f}% of full compute"
+            f"token-block work {100 * self.computed_fraction():.1f}% of full compute"
         )
         return "\n".join(lines)
 
@@ -81,6 +85,7 @@ class BranchState:
     attention: torch.Tensor | None = None  # taps of the last step
     future: list[tuple[float, torch.Tensor]] = dataclasses.field(default_factory=list)
     step: int = 0
+    policy_state: dict = dataclasses.field(default_factory=dict)  # block-level policies keep theirs here
 
 
 class Runtime:
@@ -218,6 +223,14 @@ class Runtime:
         self._scoring = time.perf_counter() - tic
         return plan.compute
 
+    def run_block(self, index: int, num_blocks: int, block, tokens: torch.Tensor, text: torch.Tensor):
+        """Run transformer block `index` as block(tokens, text) -> (text, tokens), or let a
+        block-level policy (FORA, TaylorSeer, first-block cache) stand in for it."""
+        if self.phase != "real" or not self.policy.block_level:
+            return block(tokens, text)
+        branch = self._branches[self._branch]
+        return self.policy.run_block(branch.policy_state, branch.step, self.num_steps, index, num_blocks, block, tokens, text)
+
     def end_step(self, computed: torch.Tensor) -> torch.Tensor:
         """Take (B, n, P) outputs of the active tokens; return the full (B, N, P) grid."""
         ctx = self.context
@@ -250,6 +263,7 @@ class Runtime:
                 phase=self.phase, branch=self._branch, step=branch.step, timestep=self._step_timestep,
                 kind="dense" if plan.compute is None else "sparse", computed=c1, reused=c2, approximated=c3,
                 tokens=n_tokens, scoring_seconds=self._scoring + time.perf_counter() - tic,
+                blocks_computed=branch.policy_state.pop("blocks_computed", None),
             )
         )
         branch.step += 1

@@ -121,8 +121,14 @@ class Policy:
     def uses_attention(self) -> bool:
         return False
 
+    block_level = False  # True: run_block decides per transformer block
+
     def plan(self, signals: StepSignals) -> StepPlan:
         raise NotImplementedError
+
+    def run_block(self, state: dict, step: int, num_steps: int, index: int, num_blocks: int, block, tokens, text):
+        """Block-level policies only: return (text, tokens) after block `index`."""
+        return block(tokens, text)
 
 
 def share_across_cfg(scores: torch.Tensor, groups: int) -> torch.Tensor:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from specdiff.policies.base import ConfigError, Policy, PolicyConfig
+from specdiff.policies.first_block import FirstBlockCacheConfig, FirstBlockCachePolicy
+from specdiff.policies.fora import FORAConfig, FORAPolicy
 from specdiff.policies.full import FullComputeConfig, FullComputePolicy
 from specdiff.policies.random_tokens import RandomTokensConfig, RandomTokensPolicy
 from specdiff.policies.ras import RASConfig, RASPolicy
 from specdiff.policies.specdiff import SpecDiffConfig, SpecDiffPolicy
+from specdiff.policies.taylorseer import TaylorSeerConfig, TaylorSeerPolicy
 
 POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {
     SpecDiffConfig.method: (SpecDiffConfig, SpecDiffPolicy),
     FullComputeConfig.method: (FullComputeConfig, FullComputePolicy),
     RASConfig.method: (RASConfig, RASPolicy),
     RandomTokensConfig.method: (RandomTokensConfig, RandomTokensPolicy),
+    FORAConfig.method: (FORAConfig, FORAPolicy),
+    TaylorSeerConfig.method: (TaylorSeerConfig, TaylorSeerPolicy),
+    FirstBlockCacheConfig.method: (FirstBlockCacheConfig, FirstBlockCachePolicy),
 }
 
 

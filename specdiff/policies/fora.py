@@ -1,0 +1,44 @@
+"""FORA (Selvaraju et al., 2024, "Fast-Forward Caching in Diffusion Transformer Acceleration").
+
+Every `interval` steps all blocks run and each block's effect is cached; in
+between every block reuses its cached effect unchanged. FORA caches the
+attention and MLP outputs of each block; here a block's whole residual
+(output - input, both streams) is cached, which is the same reuse up to the
+block's timestep-dependent gates. Default interval 3 (FORA's N=3 setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from specdiff.policies.base import DENSE, Policy, PolicyConfig, StepPlan, StepSignals, check_int
+from specdiff.policies.block_cache import add_residual, count_block, run_and_measure
+
+
+@dataclasses.dataclass(frozen=True)
+class FORAConfig(PolicyConfig):
+    """interval: run every block every `interval` steps (1 = full compute)."""
+
+    method = "fora"
+
+    interval: int = 3
+
+    def validate(self) -> None:
+        check_int(self, "interval", 1, 100)
+
+
+class FORAPolicy(Policy):
+    config: FORAConfig
+    block_level = True
+
+    def plan(self, signals: StepSignals) -> StepPlan:
+        return DENSE
+
+    def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
+        cache = state.setdefault("residuals", {})
+        full = step % self.config.interval == 0 or index not in cache
+        count_block(state, full, index, num_blocks)
+        if full:
+            text, tokens, cache[index] = run_and_measure(block, tokens, text)
+            return text, tokens
+        return add_residual(tokens, text, cache[index])

@@ -1,0 +1,76 @@
+"""TaylorSeer (Liu et al., 2025, "From Reusing to Forecasting").
+
+Full steps: the first `first_full_steps`, then every `interval`-th step. At a
+full step each block's residual (output - input, both streams) is stored with
+finite-difference derivatives up to `order` (in units of steps); in between,
+each block's residual is predicted by the Taylor expansion
+    r(s) = sum_k d_k / k! * (s - s_full)^k.
+Defaults: interval 6, order 1, first 3 steps full (the paper's FLUX N6 O1).
+The paper works per module (attention, MLP); here per block, as for FORA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from specdiff.policies.base import DENSE, Policy, PolicyConfig, StepPlan, StepSignals, check_int
+from specdiff.policies.block_cache import count_block, run_and_measure
+
+
+@dataclasses.dataclass(frozen=True)
+class TaylorSeerConfig(PolicyConfig):
+    """interval: steps between full steps; order: Taylor order (0 = plain reuse);
+    first_full_steps: steps at the start that always run in full."""
+
+    method = "taylorseer"
+
+    interval: int = 6
+    order: int = 1
+    first_full_steps: int = 3
+
+    def validate(self) -> None:
+        check_int(self, "interval", 1, 100)
+        check_int(self, "order", 0, 3)
+        check_int(self, "first_full_steps", 1)
+
+
+class TaylorSeerPolicy(Policy):
+    config: TaylorSeerConfig
+    block_level = True
+
+    def plan(self, signals: StepSignals) -> StepPlan:
+        return DENSE
+
+    def is_full(self, step: int) -> bool:
+        cfg = self.config
+        return step < cfg.first_full_steps or (step - cfg.first_full_steps) % cfg.interval == 0
+
+    def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
+        factors = state.setdefault("factors", {})  # index -> (step, [d0, d1, ...] per stream)
+        full = self.is_full(step) or index not in factors
+        count_block(state, full, index, num_blocks)
+        if full:
+            text, tokens, residual = run_and_measure(block, tokens, text)
+            previous = factors.get(index)
+            derivatives = [residual]
+            if previous is not None:
+                last_step, last = previous
+                gap = step - last_step
+                for k in range(1, self.config.order + 1):
+                    if k > len(last):
+                        break
+                    derivatives.append(tuple(
+                        None if new is None or old is None else (new - old) / gap
+                        for new, old in zip(derivatives[k - 1], last[k - 1])
+                    ))
+            factors[index] = (step, derivatives)
+            return text, tokens
+        full_step, derivatives = factors[index]
+        distance = step - full_step
+        image = sum(d[0] * distance**k / math.factorial(k) for k, d in enumerate(derivatives))
+        text_delta = None
+        if derivatives[0][1] is not None:
+            text_delta = sum(d[1] * distance**k / math.factorial(k) for k, d in enumerate(derivatives))
+        new_text = None if text_delta is None else text + text_delta
+        return new_text, tokens + image

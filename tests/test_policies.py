@@ -1,0 +1,120 @@
+"""Every method as a policy of the one engine: exact when told to compute everything,
+FLOPs as its schedule predicts with its defaults, no state carried between calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import specdiff
+from specdiff.evaluation.flops import _extra_mapping
+from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+
+STEPS = 8
+ALWAYS_COMPUTE = {
+    "specdiff": specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1),
+    "ras": specdiff.RASConfig(cache_ratio=0.0, warmup_steps=1, reset_steps=()),
+    "random": specdiff.RandomTokensConfig(cache_ratio=0.0, warmup_steps=1),
+    "fora": specdiff.FORAConfig(interval=1),
+    "taylorseer": specdiff.TaylorSeerConfig(interval=1),
+    "firstblock": specdiff.FirstBlockCacheConfig(threshold=0.0),
+    "full": specdiff.FullComputeConfig(),
+}
+DEFAULTS = {
+    "specdiff": specdiff.SpecDiffConfig(warmup_steps=2),
+    "ras": specdiff.RASConfig(warmup_steps=2, reset_steps=(5,)),
+    "random": specdiff.RandomTokensConfig(warmup_steps=2),
+    "fora": specdiff.FORAConfig(),
+    "taylorseer": specdiff.TaylorSeerConfig(interval=3, first_full_steps=2),
+}
+
+
+def test_every_registered_method_is_covered():
+    assert set(ALWAYS_COMPUTE) == set(specdiff.POLICIES)
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def pipe(request):
+    pipe = tiny_sd3_pipeline(layers=3) if request.param == "sd3" else tiny_flux_pipeline(single_layers=2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, seed=0, **extra):
+    kwargs = dict(prompt="a red cat", num_inference_steps=STEPS, height=64, width=64, output_type="pt",
+                  generator=torch.Generator().manual_seed(seed))
+    kwargs.update(extra)
+    return pipe(**kwargs).images
+
+
+@pytest.mark.parametrize("method", list(ALWAYS_COMPUTE))
+def test_always_compute_setting_matches_full_compute(pipe, method):
+    plain = generate(pipe)
+    specdiff.enable(pipe, ALWAYS_COMPUTE[method])
+    try:
+        out = generate(pipe)
+    finally:
+        specdiff.disable(pipe)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(DEFAULTS))
+def test_no_state_leaks(pipe, method):
+    specdiff.enable(pipe, DEFAULTS[method])
+    try:
+        first = generate(pipe, seed=4)
+        generate(pipe, seed=9, num_images_per_prompt=2, height=48, width=64)
+        again = generate(pipe, seed=4)
+    finally:
+        specdiff.disable(pipe)
+    assert torch.equal(first, again)
+
+
+def transformer_calls_flops(pipe) -> list[int]:
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_mapping())
+    marks = []
+    hooks = [
+        pipe.transformer.register_forward_pre_hook(lambda *a: marks.append(counter.get_total_flops())),
+        pipe.transformer.register_forward_hook(lambda *a: marks.append(counter.get_total_flops())),
+    ]
+    try:
+        with counter:
+            generate(pipe, output_type="latent")
+    finally:
+        for h in hooks:
+            h.remove()
+    return [marks[i + 1] - marks[i] for i in range(0, len(marks), 2)]
+
+
+@pytest.mark.parametrize("method", ["fora", "taylorseer"])
+def test_block_caches_cut_flops_as_scheduled(pipe, method):
+    dense = transformer_calls_flops(pipe)[0]
+    specdiff.enable(pipe, DEFAULTS[method])
+    try:
+        calls = transformer_calls_flops(pipe)
+        summary = specdiff.summary(pipe)
+    finally:
+        specdiff.disable(pipe)
+    policy_full = [r.blocks_computed == 1.0 for r in summary.records]
+    if method == "fora":
+        assert policy_full == [s % 3 == 0 for s in range(STEPS)]
+    else:
+        assert policy_full == [s < 2 or (s - 2) % 3 == 0 for s in range(STEPS)]
+    for full, flops in zip(policy_full, calls):
+        if full:
+            assert flops == dense
+        else:
+            assert flops < 0.2 * dense  # embedding and head only
+
+
+def test_first_block_cache_skips_when_the_first_block_barely_changes(pipe):
+    specdiff.enable(pipe, specdiff.FirstBlockCacheConfig(threshold=10.0))  # skips whenever it can
+    try:
+        generate(pipe)
+        summary = specdiff.summary(pipe)
+    finally:
+        specdiff.disable(pipe)
+    runs = [r.blocks_computed for r in summary.records]
+    assert runs[0] == 1.0  # nothing cached yet
+    assert all(r < 1.0 for r in runs[1:])
