@@ -182,6 +182,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from specdiff.evaluation.benchmark import run_benchmark
+    from specdiff.policies.base import ConfigError
+
+    args.argv = sys.argv[2:]
+    try:
+        run_benchmark(args)
+    except ConfigError as error:
+        raise CLIError(str(error)) from None
+    return 0
+
+
 def cmd_methods(args) -> int:
     print(_methods_table())
     return 0
@@ -217,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--summary", action="store_true", help="print the per-step table of the accelerated run")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     gen.set_defaults(func=cmd_generate)
+
+    from specdiff.evaluation.benchmark import build_parser as bench_parser
+
+    bench = sub.add_parser("bench", help="every method's speed and quality side by side (tables, plot, grid)")
+    bench_parser(bench)
+    bench.set_defaults(func=cmd_bench)
 
     methods = sub.add_parser("methods", help="list the methods and their config fields with defaults")
     methods.set_defaults(func=cmd_methods)

@@ -1,0 +1,401 @@
+"""The benchmark: every method's speed and quality, measured side by side in one run.
+
+    specdiff bench --methods full specdiff:cache_ratio=0.9 ras fora --num-prompts 32
+    torchrun --nproc-per-node 2 -m specdiff.evaluation.benchmark --model tiny-sd3 ...   # sharded
+
+For each batch of prompts every method runs in turn (interleaved, same seed),
+so the wall-clock ratio to full compute is measured within the same stretch
+of time. Writes results.json (every measurement), results.md (the table),
+pareto.png and grid.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+FULL = "full"
+
+
+@dataclasses.dataclass
+class MethodSpec:
+    label: str
+    config: object | None  # None = full compute, no engine
+
+
+def parse_method(text: str) -> MethodSpec:
+    """'full', 'specdiff', or 'specdiff:cache_ratio=0.9,warmup_steps=3'."""
+    import specdiff
+    from specdiff.policies.registry import config_for
+
+    name, _, rest = text.partition(":")
+    if name == FULL and not rest:
+        return MethodSpec(FULL, None)
+    fields = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise specdiff.ConfigError(f"method option {item!r} must look like key=value")
+        fields[key.strip()] = _parse_value(value.strip())
+    from specdiff.policies.registry import POLICIES
+
+    if name in POLICIES:
+        for field in dataclasses.fields(POLICIES[name][0]):
+            if isinstance(field.default, tuple) and isinstance(fields.get(field.name), int):
+                fields[field.name] = (fields[field.name],)  # a single step index
+    try:
+        config = config_for(name, **fields)
+    except TypeError as error:
+        raise specdiff.ConfigError(f"{text}: {error}") from None
+    return MethodSpec(text, config)
+
+
+def _parse_value(value: str):
+    if value.startswith("(") or "/" in value:
+        return tuple(int(v) for v in value.strip("()").replace("/", " ").split())
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+class PeakMemory:
+    """Peak memory while a block runs: max allocated on CUDA, sampled RSS on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import psutil
+
+        process = psutil.Process()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, process.memory_info().rss)
+                self._stop.wait(0.01)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def load_bench_pipeline(model: str, device: str):
+    """'embedded', 'tiny-sd3', 'tiny-flux', or a local folder."""
+    if model == "tiny-sd3":
+        from specdiff.tiny_pipelines import tiny_sd3_pipeline
+
+        return tiny_sd3_pipeline().to(device), dict(height=64, width=64)
+    if model == "tiny-flux":
+        from specdiff.tiny_pipelines import tiny_flux_pipeline
+
+        return tiny_flux_pipeline().to(device), dict(height=64, width=64)
+    from specdiff.cli import load_pipeline
+
+    pipe, _ = load_pipeline(None if model == "embedded" else model, device, "float32")
+    return pipe, {}
+
+
+def bench_prompts(model: str, split: str, count: int):
+    """(captions, scenes or None). Scene prompts for the embedded model, else a fixed list."""
+    if model == "embedded":
+        from specdiff.reference.scenes import held_out_prompts, training_prompts
+
+        scenes = held_out_prompts(count) if split == "heldout" else training_prompts(count)
+        return [s.caption() for s in scenes], scenes
+    base = ["a red fox in the snow", "a city street at night", "a bowl of fruit on a table", "a sailing boat at sea"]
+    return [base[i % len(base)] + ("" if i < len(base) else f", view {i}") for i in range(count)], None
+
+
+def _generate(pipe, prompts, seed, steps, extra, device):
+    generator = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    images = pipe(prompt=prompts, num_inference_steps=steps, generator=generator, output_type="pt", **extra).images
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images.float().cpu(), time.perf_counter() - tic
+
+
+def _flops(pipe, spec: MethodSpec, prompt: str, seed: int, steps: int, extra) -> int:
+    import specdiff
+    from specdiff.evaluation.flops import count_module_flops
+
+    if spec.config is not None:
+        specdiff.enable(pipe, spec.config)
+    try:
+        return count_module_flops(
+            lambda: pipe(prompt=[prompt], num_inference_steps=steps, generator=[torch.Generator().manual_seed(seed)],
+                         output_type="latent", **extra),
+            pipe.transformer,
+        )
+    finally:
+        if spec.config is not None:
+            specdiff.disable(pipe)
+
+
+def run_shard(pipe, methods, prompts, indices, seed, steps, batch_size, extra, device, show_progress=True):
+    """Generate prompts[indices] with every method, interleaved per batch. Returns per-batch records."""
+    import specdiff
+
+    records = []
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    bar = tqdm(total=len(batches) * len(methods), desc="benchmark", disable=not show_progress)
+    for batch in batches:
+        texts = [prompts[i] for i in batch]
+        for spec in methods:
+            if spec.config is not None:
+                specdiff.enable(pipe, spec.config)
+            try:
+                with PeakMemory(device) as memory:
+                    images, seconds = _generate(pipe, texts, seed + batch[0], steps, extra, device)
+                summary = specdiff.summary(pipe) if spec.config is not None else None
+            finally:
+                if spec.config is not None:
+                    specdiff.disable(pipe)
+            records.append({
+                "method": spec.label, "prompt_indices": list(batch), "seconds": seconds,
+                "seconds_per_image": seconds / len(batch), "peak_memory_bytes": int(memory.peak),
+                "speculation_seconds": summary.speculation_seconds if summary else 0.0,
+                "scoring_seconds": summary.scoring_seconds if summary else 0.0,
+                "images": images.numpy(),
+            })
+            bar.update(1)
+    bar.close()
+    return records
+
+
+def summarise(methods, records, prompts, scenes, flops, checker=None):
+    """Per-method medians, ratios to full compute, fidelity and quality."""
+    from specdiff.evaluation.metrics import psnr, ssim
+
+    by_method = {m.label: [r for r in records if r["method"] == m.label] for m in methods}
+    full_by_batch = {tuple(r["prompt_indices"]): r for r in by_method[FULL]}
+    full_images = {}
+    for r in by_method[FULL]:
+        for k, i in enumerate(r["prompt_indices"]):
+            full_images[i] = r["images"][k]
+    real_features = None
+    if checker is not None and scenes is not None:
+        from specdiff.reference.checker import checker_features, render_batch
+        import random
+
+        real = render_batch(scenes, random.Random(0))
+        real_features = checker_features(checker, real)
+    rows = []
+    for spec in methods:
+        rs = by_method[spec.label]
+        ratios = [full_by_batch[tuple(r["prompt_indices"])]["seconds"] / r["seconds"] for r in rs]
+        per_prompt = {}
+        for r in rs:
+            for k, i in enumerate(r["prompt_indices"]):
+                per_prompt[i] = r["images"][k]
+        order = sorted(per_prompt)
+        psnrs = [psnr(torch.from_numpy(full_images[i]), torch.from_numpy(per_prompt[i])) for i in order]
+        ssims = [ssim(torch.from_numpy(full_images[i]), torch.from_numpy(per_prompt[i])) for i in order]
+        finite = [p for p in psnrs if np.isfinite(p)]
+        row = {
+            "method": spec.label,
+            "config": repr(spec.config) if spec.config is not None else "FullComputeConfig()",
+            "images": len(order),
+            "seconds_per_image_median": statistics.median(r["seconds_per_image"] for r in rs),
+            "speedup_wallclock_median": statistics.median(ratios),
+            "flops_per_image": flops[spec.label],
+            "flops_ratio": flops[FULL] / flops[spec.label],
+            "peak_memory_mb_max": max(r["peak_memory_bytes"] for r in rs) / 2**20,
+            "speculation_share": sum(r["speculation_seconds"] for r in rs) / sum(r["seconds"] for r in rs),
+            "scoring_share": sum(r["scoring_seconds"] for r in rs) / sum(r["seconds"] for r in rs),
+            "psnr_mean": float(np.mean(finite)) if finite else float("inf"),
+            "ssim_mean": float(np.mean(ssims)),
+        }
+        if real_features is not None:
+            from specdiff.reference.checker import accuracy, checker_features, frechet_distance, read_images
+
+            generated = torch.from_numpy(np.stack([per_prompt[i] for i in order]))
+            asked = [scenes[i] for i in order]
+            acc = accuracy(asked, read_images(checker, generated))
+            row.update({f"align_{k}": v for k, v in acc.items()})
+            row["frechet_distance"] = frechet_distance(checker_features(checker, generated), real_features[order])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows) -> str:
+    has_align = "align_mean" in rows[0]
+    head = "| method | s / image | wall-clock speed-up | FLOPs ratio | PSNR dB | SSIM |"
+    rule = "|---|---|---|---|---|---|"
+    if has_align:
+        head += " alignment | Fréchet dist. |"
+        rule += "---|---|"
+    head += " speculation | scoring | peak MB |"
+    rule += "---|---|---|"
+    lines = [head, rule]
+    for r in rows:
+        line = (
+            f"| {r['method']} | {r['seconds_per_image_median']:.3f} | {r['speedup_wallclock_median']:.2f}x | "
+            f"{r['flops_ratio']:.2f}x | {r['psnr_mean']:.2f} | {r['ssim_mean']:.3f} |"
+        )
+        if has_align:
+            line += f" {100 * r['align_mean']:.1f}% | {r['frechet_distance']:.2f} |"
+        line += f" {100 * r['speculation_share']:.1f}% | {100 * r['scoring_share']:.1f}% | {r['peak_memory_mb_max']:.0f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def pareto_plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("psnr_mean", "PSNR vs full compute (dB)")]
+    if "align_mean" in rows[0]:
+        panels.append(("align_mean", "prompt-alignment accuracy"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    families = {}
+    for r in rows:
+        families.setdefault(r["method"].split(":")[0], []).append(r)
+    for ax, (key, label) in zip(axes[0], panels):
+        for family, members in families.items():
+            members = sorted(members, key=lambda r: r["speedup_wallclock_median"])
+            ys = [r[key] if np.isfinite(r[key]) else np.nan for r in members]
+            ax.plot([r["speedup_wallclock_median"] for r in members], ys, marker="o", label=family)
+        ax.set_xlabel("wall-clock speed-up over full compute")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def image_grid(methods, records, prompt_count: int, path: Path, max_rows: int = 8) -> None:
+    from PIL import Image
+
+    per = {m.label: {} for m in methods}
+    for r in records:
+        for k, i in enumerate(r["prompt_indices"]):
+            per[r["method"]][i] = r["images"][k]
+    rows = sorted(per[FULL])[:max_rows]
+    h, w = per[FULL][rows[0]].shape[1:]
+    scale = max(1, 96 // max(h, w))
+    pad = 2
+    canvas = np.ones(((h * scale + pad) * len(rows), (w * scale + pad) * len(methods), 3))
+    for y, i in enumerate(rows):
+        for x, m in enumerate(methods):
+            img = per[m.label][i].transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
+            canvas[y * (h * scale + pad) : y * (h * scale + pad) + h * scale,
+                   x * (w * scale + pad) : x * (w * scale + pad) + w * scale] = img
+    Image.fromarray((canvas.clip(0, 1) * 255).round().astype(np.uint8)).save(path)
+
+
+def run_benchmark(args) -> list[dict]:
+    import torch.distributed as dist
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        rank, world = 0, 1
+    methods = [MethodSpec(FULL, None)] + [parse_method(m) for m in args.methods if m != FULL]
+    pipe, extra = load_bench_pipeline(args.model, str(device))
+    pipe.set_progress_bar_config(disable=True)
+    if args.guidance is not None:
+        extra["guidance_scale"] = args.guidance
+    prompts, scenes = bench_prompts(args.model, args.split, args.num_prompts)
+    shard = list(range(rank, len(prompts), world))  # every prompt exactly once over the ranks
+    _generate(pipe, prompts[:1], args.seed, 2, extra, device)  # warm-up
+    records = run_shard(pipe, methods, prompts, shard, args.seed, args.steps, args.batch_size, extra, device,
+                        show_progress=rank == 0)
+    if distributed:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    if rank != 0:
+        if distributed:
+            dist.destroy_process_group()
+        return []
+    flops = {m.label: _flops(pipe, m, prompts[0], args.seed, args.steps, extra) for m in methods}
+    checker = None
+    if scenes is not None:
+        from specdiff.reference.checker import load_checker
+
+        checker = load_checker()
+    rows = summarise(methods, records, prompts, scenes, flops, checker)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": "specdiff bench " + " ".join(args.argv), "model": args.model, "steps": args.steps,
+        "split": args.split, "prompts": len(prompts), "seed": args.seed, "processes": world,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    per_prompt = [
+        {k: v for k, v in r.items() if k != "images"} for r in records
+    ]
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "batches": per_prompt}, indent=1))
+    table = markdown_table(rows)
+    (out / "results.md").write_text(f"{table}\n\n{json.dumps(meta)}\n")
+    pareto_plot(rows, out / "pareto.png")
+    image_grid(methods, records, len(prompts), out / "grid.png")
+    print(table)
+    if distributed:
+        dist.destroy_process_group()
+    return rows
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded", help="embedded (default), tiny-sd3, tiny-flux, or a local folder")
+    p.add_argument("--methods", nargs="+", default=["full", "specdiff"],
+                   help="method[:key=value,...]; full compute is always included as the reference")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--split", default="heldout", choices=["heldout", "train"], help="embedded model's prompt set")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="bench-output")
+    return p
+
+
+def main(argv=None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    run_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
