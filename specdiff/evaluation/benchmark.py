@@ -131,8 +131,9 @@ def bench_prompts(model: str, split: str, count: int):
     return [base[i % len(base)] + ("" if i < len(base) else f", view {i}") for i in range(count)], None
 
 
-def _generate(pipe, prompts, seed, steps, extra, device):
-    generator = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+def _generate(pipe, prompts, seeds, steps, extra, device):
+    """One generation per prompt, each with its own seeded generator (so sharding cannot change it)."""
+    generator = [torch.Generator().manual_seed(s) for s in seeds]
     if device.type == "cuda":
         torch.cuda.synchronize()
     tic = time.perf_counter()
@@ -173,7 +174,7 @@ def run_shard(pipe, methods, prompts, indices, seed, steps, batch_size, extra, d
                 specdiff.enable(pipe, spec.config)
             try:
                 with PeakMemory(device) as memory:
-                    images, seconds = _generate(pipe, texts, seed + batch[0], steps, extra, device)
+                    images, seconds = _generate(pipe, texts, [seed + i for i in batch], steps, extra, device)
                 summary = specdiff.summary(pipe) if spec.config is not None else None
             finally:
                 if spec.config is not None:
@@ -333,7 +334,7 @@ def run_benchmark(args) -> list[dict]:
         extra["guidance_scale"] = args.guidance
     prompts, scenes = bench_prompts(args.model, args.split, args.num_prompts)
     shard = list(range(rank, len(prompts), world))  # every prompt exactly once over the ranks
-    _generate(pipe, prompts[:1], args.seed, 2, extra, device)  # warm-up
+    _generate(pipe, prompts[:1], [args.seed], 2, extra, device)  # warm-up
     records = run_shard(pipe, methods, prompts, shard, args.seed, args.steps, args.batch_size, extra, device,
                         show_progress=rank == 0)
     if distributed:

@@ -1,0 +1,55 @@
+"""The benchmark runner: smoke run on a tiny pipeline, and sharding over 2 processes (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from specdiff.cli import main
+
+ARGS = ["--model", "tiny-sd3", "--methods", "full", "fora", "specdiff:cache_ratio=0.5,warmup_steps=1",
+        "--num-prompts", "3", "--batch-size", "1", "--steps", "4"]
+
+
+def test_bench_writes_every_artefact(tmp_path, capsys):
+    assert main(["bench", *ARGS, "--out", str(tmp_path)]) == 0
+    for name in ("results.json", "results.md", "pareto.png", "grid.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    methods = [row["method"] for row in data["summary"]]
+    assert methods == ["full", "fora", "specdiff:cache_ratio=0.5,warmup_steps=1"]
+    full = data["summary"][0]
+    assert full["flops_ratio"] == 1.0 and full["speedup_wallclock_median"] == 1.0
+    fora = data["summary"][1]
+    assert fora["flops_ratio"] > 1.2  # FORA skips blocks at 2 of 4 steps
+    assert sorted(i for b in data["batches"] if b["method"] == "full" for i in b["prompt_indices"]) == [0, 1, 2]
+    assert "| fora |" in capsys.readouterr().out
+
+
+def test_bad_method_spec_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", "--model", "tiny-sd3", "--methods", "specdiff:cache_ratio=2", "--out", str(tmp_path)]) == 2
+    assert "cache_ratio must be in" in capsys.readouterr().err
+
+
+def test_two_processes_give_the_same_numbers_as_one(tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert main(["bench", *ARGS, "--out", str(single)]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "specdiff.evaluation.benchmark", *ARGS, "--out", str(sharded)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one = json.loads((single / "results.json").read_text())
+    two = json.loads((sharded / "results.json").read_text())
+    assert two["meta"]["processes"] == 2
+    done = sorted(i for b in two["batches"] if b["method"] == "full" for i in b["prompt_indices"])
+    assert done == [0, 1, 2]  # no prompt lost or done twice
+    for a, b in zip(one["summary"], two["summary"]):
+        assert a["method"] == b["method"]
+        assert a["psnr_mean"] == pytest.approx(b["psnr_mean"], rel=1e-6)
+        assert a["ssim_mean"] == pytest.approx(b["ssim_mean"], rel=1e-6)
+        assert a["flops_per_image"] == b["flops_per_image"]
