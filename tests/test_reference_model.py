@@ -88,3 +88,22 @@ def test_specdiff_on_the_embedded_model(scene_pipe):
     assert summary.computed_fraction() < 0.5
     assert torch.equal(scene_pipe(**kwargs, generator=torch.Generator().manual_seed(1)).images, plain)
     assert (fast - plain).abs().mean() < 0.25
+
+
+def test_shipped_checker_reads_fresh_scenes():
+    from specdiff.reference.checker import evaluate_checker, load_checker
+
+    accuracy = evaluate_checker(load_checker(), count=300, seed=2024, degrade=True)
+    assert all(accuracy[name] >= 0.97 for name in ("background", "colour", "shape", "size", "position")), accuracy
+
+
+def test_alignment_scoring_counts_each_attribute():
+    from specdiff.reference.checker import attribute_hits
+
+    asked = scenes.Scene("white", (scenes.SceneObject("red", "circle", "large", "top left"),))
+    same = attribute_hits(asked, asked)
+    assert all(v == [1] for v in same.values())
+    moved = scenes.Scene("white", (scenes.SceneObject("red", "circle", "small", "center"),))
+    hits = attribute_hits(asked, moved)
+    assert hits["position"] == [0] and hits["colour"] == [1] and hits["size"] == [0]
+    assert attribute_hits(asked, scenes.Scene("black", ()))["colour"] == [0]
