@@ -120,9 +120,11 @@ def load_bench_pipeline(model: str, device: str):
     return pipe, {}
 
 
-def bench_prompts(model: str, split: str, count: int):
+def bench_prompts(pipe, split: str, count: int):
     """(captions, scenes or None). Scene prompts for the embedded model, else a fixed list."""
-    if model == "embedded":
+    from specdiff.reference.pipeline import ScenePipeline
+
+    if isinstance(pipe, ScenePipeline):
         from specdiff.reference.scenes import held_out_prompts, training_prompts
 
         scenes = held_out_prompts(count) if split == "heldout" else training_prompts(count)
@@ -332,7 +334,7 @@ def run_benchmark(args) -> list[dict]:
     pipe.set_progress_bar_config(disable=True)
     if args.guidance is not None:
         extra["guidance_scale"] = args.guidance
-    prompts, scenes = bench_prompts(args.model, args.split, args.num_prompts)
+    prompts, scenes = bench_prompts(pipe, args.split, args.num_prompts)
     shard = list(range(rank, len(prompts), world))  # every prompt exactly once over the ranks
     _generate(pipe, prompts[:1], [args.seed], 2, extra, device)  # warm-up
     records = run_shard(pipe, methods, prompts, shard, args.seed, args.steps, args.batch_size, extra, device,
