@@ -21,6 +21,13 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(batch, length, heads, inner // heads).transpose(1, 2)
 
 
+def _qkv(x, heads, projections, norms):
+    """(B, H, S, D) query, key, value of one stream; q and k normalised when the layer has norms."""
+    q, k, v = (_heads(proj(x), heads) for proj in projections)
+    norm_q, norm_k = norms
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
 class SD3TokenCachingProcessor:
     """JointAttnProcessor2_0's math, with image keys/values read from the engine's cache."""
 
@@ -32,25 +39,16 @@ class SD3TokenCachingProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         ctx = self.context
         heads = attn.heads
-        query = _heads(attn.to_q(hidden_states), heads)
-        key = _heads(attn.to_k(hidden_states), heads)
-        value = _heads(attn.to_v(hidden_states), heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _qkv(hidden_states, heads, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
         if ctx.enabled:
             key, value = merge_image_kv(ctx, self.layer_name, key, value)
         num_image_keys = key.shape[2]
         text_query = None
         if encoder_hidden_states is not None:
-            text_query = _heads(attn.add_q_proj(encoder_hidden_states), heads)
-            text_key = _heads(attn.add_k_proj(encoder_hidden_states), heads)
-            text_value = _heads(attn.add_v_proj(encoder_hidden_states), heads)
-            if attn.norm_added_q is not None:
-                text_query = attn.norm_added_q(text_query)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
+            text_query, text_key, text_value = _qkv(
+                encoder_hidden_states, heads, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                (attn.norm_added_q, attn.norm_added_k),
+            )
             key = torch.cat([key, text_key], dim=2)
             value = torch.cat([value, text_value], dim=2)
         if ctx.enabled:

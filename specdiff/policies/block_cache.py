@@ -6,6 +6,17 @@ from __future__ import annotations
 
 import torch
 
+from specdiff.policies.base import DENSE, Policy, StepPlan, StepSignals
+
+
+class BlockLevelPolicy(Policy):
+    """Every token runs (token plan is dense); run_block decides per block."""
+
+    block_level = True
+
+    def plan(self, signals: StepSignals) -> StepPlan:
+        return DENSE
+
 
 def run_and_measure(block, tokens: torch.Tensor, text: torch.Tensor | None):
     """Run the block; return (text, tokens, residual) with residual = (image delta, text delta or None)."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from specdiff.policies.base import DENSE, Policy, PolicyConfig, StepPlan, StepSignals, check_int, check_range
-from specdiff.policies.block_cache import add_residual, count_block, run_and_measure
+from specdiff.policies.base import PolicyConfig, check_int, check_range
+from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, count_block, run_and_measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +30,8 @@ class FirstBlockCacheConfig(PolicyConfig):
         check_int(self, "warmup_steps", 1)
 
 
-class FirstBlockCachePolicy(Policy):
+class FirstBlockCachePolicy(BlockLevelPolicy):
     config: FirstBlockCacheConfig
-    block_level = True
-
-    def plan(self, signals: StepSignals) -> StepPlan:
-        return DENSE
 
     def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
         cache = state.setdefault("residuals", {})

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from specdiff.policies.base import DENSE, Policy, PolicyConfig, StepPlan, StepSignals, check_int
-from specdiff.policies.block_cache import count_block, run_and_measure
+from specdiff.policies.base import PolicyConfig, check_int
+from specdiff.policies.block_cache import BlockLevelPolicy, count_block, run_and_measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +35,8 @@ class TaylorSeerConfig(PolicyConfig):
         check_int(self, "first_full_steps", 1)
 
 
-class TaylorSeerPolicy(Policy):
+class TaylorSeerPolicy(BlockLevelPolicy):
     config: TaylorSeerConfig
-    block_level = True
-
-    def plan(self, signals: StepSignals) -> StepPlan:
-        return DENSE
 
     def is_full(self, step: int) -> bool:
         cfg = self.config

@@ -12,7 +12,6 @@ its penultimate features serve for a Fréchet distance (the project's FID).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 from pathlib import Path
 
