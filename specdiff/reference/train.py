@@ -130,13 +130,49 @@ def main(argv=None) -> None:
     log.close()
 
 
+def plot_loss(log: Path, path: Path, window: int = 100) -> None:
+    """The loss curve (raw and a moving average) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(log)))
+    steps = [int(r["step"]) for r in rows]
+    loss = [float(r["loss"]) for r in rows]
+    smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1]) for i in range(len(loss))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, loss, alpha=0.25, lw=0.5, label="loss")
+    ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("weighted velocity MSE")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def export_checkpoint(checkpoint: Path, folder: Path) -> None:
-    from specdiff.reference.pipeline import export_pipeline
+    """EMA weights -> diffusers folder, with the loss log and its plot beside them."""
+    import shutil
+
+    from specdiff.reference.pipeline import export_pipeline, write_checksums
 
     state = torch.load(checkpoint, weights_only=False)
     model = build_transformer()
     model.load_state_dict(state["ema"])
     export_pipeline(model, folder)
+    log = checkpoint.parent / "loss.csv"
+    if log.exists():
+        (folder / "training").mkdir(exist_ok=True)
+        rows = log.read_text().splitlines()
+        kept = rows[: 1 + state["step"]]  # the log can run ahead of the last checkpoint
+        (folder / "training" / "loss.csv").write_text("\n".join(kept) + "\n")
+        plot_loss(folder / "training" / "loss.csv", folder / "training" / "loss.png")
+        shutil.copy(checkpoint.parent / "args.json", folder / "training" / "args.json")
+        write_checksums(folder)
     print(f"exported the EMA weights of step {state['step']} to {folder}")
 
 
