@@ -11,6 +11,7 @@ from specdiff.policies.ras import RASConfig
 from specdiff.policies.registry import POLICIES, config_for
 from specdiff.policies.specdiff import SpecDiffConfig
 from specdiff.policies.taylorseer import TaylorSeerConfig
+from specdiff.policies.toca import ToCaConfig
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "SUPPORTED",
     "SpecDiffConfig",
     "TaylorSeerConfig",
+    "ToCaConfig",
     "UnsupportedModelError",
     "config_for",
     "disable",

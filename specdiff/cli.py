@@ -43,7 +43,7 @@ def _build_config(args):
     fields = {}
     for option in (
         "cache_ratio", "warmup_steps", "speculative_steps", "starvation_scale", "reuse_mass", "tap_queries",
-        "interval", "order", "threshold",
+        "interval", "order", "threshold", "recompute_ratio",
     ):
         value = getattr(args, option)
         if value is None:
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate with full compute and with a cache; compare speed and fidelity")
     gen.add_argument("prompt")
-    gen.add_argument("--method", default="specdiff", help="specdiff (default), ras, random, fora, taylorseer, firstblock, full")
+    gen.add_argument("--method", default="specdiff", help="specdiff (default), ras, random, toca, fora, taylorseer, firstblock, full")
     gen.add_argument("--cache-ratio", type=float, dest="cache_ratio", help="share of image tokens not computed, [0, 1)")
     gen.add_argument("--warmup-steps", type=int, dest="warmup_steps")
     gen.add_argument("--reset-steps", type=int, nargs="*", dest="reset_steps")
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--interval", type=int, help="fora / taylorseer: steps between full steps")
     gen.add_argument("--order", type=int, help="taylorseer: Taylor order")
     gen.add_argument("--threshold", type=float, help="firstblock: relative change below which blocks are skipped")
+    gen.add_argument("--recompute-ratio", type=float, dest="recompute_ratio", help="toca: share of tokens recomputed")
     gen.add_argument("--steps", type=int, default=28)
     gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     gen.add_argument("--height", type=int, default=None)

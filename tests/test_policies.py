@@ -19,6 +19,7 @@ ALWAYS_COMPUTE = {
     "fora": specdiff.FORAConfig(interval=1),
     "taylorseer": specdiff.TaylorSeerConfig(interval=1),
     "firstblock": specdiff.FirstBlockCacheConfig(threshold=0.0),
+    "toca": specdiff.ToCaConfig(recompute_ratio=1.0, interval=2),
     "full": specdiff.FullComputeConfig(),
 }
 DEFAULTS = {
@@ -27,6 +28,7 @@ DEFAULTS = {
     "random": specdiff.RandomTokensConfig(warmup_steps=2),
     "fora": specdiff.FORAConfig(),
     "taylorseer": specdiff.TaylorSeerConfig(interval=3, first_full_steps=2),
+    "toca": specdiff.ToCaConfig(interval=3, first_full_steps=2, recompute_ratio=0.25),
 }
 
 
@@ -87,7 +89,7 @@ def transformer_calls_flops(pipe) -> list[int]:
     return [marks[i + 1] - marks[i] for i in range(0, len(marks), 2)]
 
 
-@pytest.mark.parametrize("method", ["fora", "taylorseer"])
+@pytest.mark.parametrize("method", ["fora", "taylorseer", "toca"])
 def test_block_caches_cut_flops_as_scheduled(pipe, method):
     dense = transformer_calls_flops(pipe)[0]
     specdiff.enable(pipe, DEFAULTS[method])
@@ -101,9 +103,13 @@ def test_block_caches_cut_flops_as_scheduled(pipe, method):
         assert policy_full == [s % 3 == 0 for s in range(STEPS)]
     else:
         assert policy_full == [s < 2 or (s - 2) % 3 == 0 for s in range(STEPS)]
-    for full, flops in zip(policy_full, calls):
+    for full, record, flops in zip(policy_full, summary.records, calls):
         if full:
             assert flops == dense
+        elif method == "toca":
+            # a quarter of the image tokens (plus all text) through every block
+            assert record.blocks_computed == pytest.approx(0.25, abs=0.01)
+            assert 0.2 * dense < flops < 0.9 * dense
         else:
             assert flops < 0.2 * dense  # embedding and head only
 

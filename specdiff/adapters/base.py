@@ -26,6 +26,18 @@ def timestep_value(timestep: torch.Tensor | float) -> float:
     return float(timestep)
 
 
+def on_tokens(context, active: torch.Tensor | None, run):
+    """Run `run()` with the attention context set to the image tokens `active` (None: as the step set it)."""
+    if active is None:
+        return run()
+    previous = context.active
+    context.active = active
+    try:
+        return run()
+    finally:
+        context.active = previous
+
+
 class Adapter:
     """One per model family. Subclasses set `model_types` and implement the three hooks."""
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from specdiff.adapters.base import Adapter, gather_tokens, timestep_value
+from specdiff.adapters.base import Adapter, gather_tokens, on_tokens, timestep_value
 from specdiff.engine.attention import AttentionContext, merge_image_kv, tap_attention
 
 
@@ -25,6 +25,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def rope_rows(rope, text_len: int, active: torch.Tensor | None):
+    """RoPE (cos, sin) rows of all text tokens and of the active image tokens, per batch row."""
+    if active is None:
+        return rope
+    batch = active.shape[0]
+    return tuple(
+        torch.cat([t[:text_len].expand(batch, -1, -1), gather_tokens(t[text_len:].expand(batch, -1, -1), active)], 1)
+        for t in rope
+    )
 
 
 class FluxTokenCachingProcessor:
@@ -128,22 +139,22 @@ class FluxAdapter(Adapter):
         self.text_length = text_len = text.shape[1]
         batch, num_tokens = tokens.shape[:2]
         active = self.runtime.begin_step(timestep_value(timestep), batch, num_tokens, tokens.device)
-        if active is not None:
-            tokens = gather_tokens(tokens, active)
-            cos, sin = (
-                torch.cat([t[:text_len].expand(batch, -1, -1), gather_tokens(t[text_len:].expand(batch, -1, -1), active)], 1)
-                for t in (cos, sin)
-            )
-        rope = (cos, sin)
+        full_rope = (cos, sin)
+        rope = rope_rows(full_rope, text_len, active)
+        tokens = gather_tokens(tokens, active)
         kwargs = joint_attention_kwargs or {}
         blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+        context = self.runtime.context
+
+        def runner(block):
+            # as in the SD3 adapter; a per-block subset also needs its RoPE rows
+            return lambda x, c, active=None: on_tokens(context, active, lambda: block(
+                hidden_states=x, encoder_hidden_states=c, temb=temb,
+                image_rotary_emb=rope if active is None else rope_rows(full_rope, text_len, active),
+                joint_attention_kwargs=kwargs))
+
         for index, block in enumerate(blocks):
-            text, tokens = self.runtime.run_block(
-                index, len(blocks),
-                lambda x, c, b=block: b(hidden_states=x, encoder_hidden_states=c, temb=temb,
-                                        image_rotary_emb=rope, joint_attention_kwargs=kwargs),
-                tokens, text,
-            )
+            text, tokens = self.runtime.run_block(index, len(blocks), runner(block), tokens, text)
         output = model.proj_out(model.norm_out(tokens, temb))
         output = self.runtime.end_step(output)
         if not return_dict:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from specdiff.adapters.base import Adapter, gather_tokens, timestep_value
+from specdiff.adapters.base import Adapter, gather_tokens, on_tokens, timestep_value
 from specdiff.engine.attention import AttentionContext, merge_image_kv, tap_attention
 
 
@@ -98,13 +98,16 @@ class SD3Adapter(Adapter):
         active = self.runtime.begin_step(timestep_value(timestep), batch, num_tokens, tokens.device)
         tokens = gather_tokens(tokens, active)
         blocks = model.transformer_blocks
+        context = self.runtime.context
+
+        def runner(block):
+            # block(x, c, active) runs it on image tokens x; `active` names them when a
+            # block-level policy (ToCa) runs a subset of the tokens of a dense step
+            return lambda x, c, active=None: on_tokens(context, active, lambda: block(
+                hidden_states=x, encoder_hidden_states=c, temb=temb, joint_attention_kwargs=joint_attention_kwargs))
+
         for index, block in enumerate(blocks):
-            text, tokens = self.runtime.run_block(
-                index, len(blocks),
-                lambda x, c, b=block: b(hidden_states=x, encoder_hidden_states=c, temb=temb,
-                                        joint_attention_kwargs=joint_attention_kwargs),
-                tokens, text,
-            )
+            text, tokens = self.runtime.run_block(index, len(blocks), runner(block), tokens, text)
         tokens = model.proj_out(model.norm_out(tokens, temb))
         tokens = self.runtime.end_step(tokens)
         patch = model.config.patch_size

@@ -31,8 +31,8 @@ def add_residual(tokens: torch.Tensor, text: torch.Tensor | None, residual):
     return new_text, tokens + image_delta
 
 
-def count_block(state: dict, computed: bool, index: int, num_blocks: int) -> None:
-    """Tally the share of blocks that ran this step (shown by specdiff.summary)."""
-    state["_ran"] = state.get("_ran", 0) + int(computed) if index else int(computed)
+def count_block(state: dict, computed: float, index: int, num_blocks: int) -> None:
+    """Tally the share of block work done this step (1 = the whole block ran; shown by specdiff.summary)."""
+    state["_ran"] = state.get("_ran", 0) + float(computed) if index else float(computed)
     if index == num_blocks - 1:
         state["blocks_computed"] = state.pop("_ran") / num_blocks

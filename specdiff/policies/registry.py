@@ -10,6 +10,7 @@ from specdiff.policies.random_tokens import RandomTokensConfig, RandomTokensPoli
 from specdiff.policies.ras import RASConfig, RASPolicy
 from specdiff.policies.specdiff import SpecDiffConfig, SpecDiffPolicy
 from specdiff.policies.taylorseer import TaylorSeerConfig, TaylorSeerPolicy
+from specdiff.policies.toca import ToCaConfig, ToCaPolicy
 
 POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {
     SpecDiffConfig.method: (SpecDiffConfig, SpecDiffPolicy),
@@ -19,6 +20,7 @@ POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {
     FORAConfig.method: (FORAConfig, FORAPolicy),
     TaylorSeerConfig.method: (TaylorSeerConfig, TaylorSeerPolicy),
     FirstBlockCacheConfig.method: (FirstBlockCacheConfig, FirstBlockCachePolicy),
+    ToCaConfig.method: (ToCaConfig, ToCaPolicy),
 }
 
 

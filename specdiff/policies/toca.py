@@ -1,0 +1,72 @@
+"""ToCa (Zou et al., 2025, "Accelerating Diffusion Transformers with Token-wise Feature Caching").
+
+Full steps: the first `first_full_steps`, then every `interval`-th step; they
+run every token through every block and cache each block's per-token
+residual. In between, each block recomputes only the `recompute_ratio`
+highest-scoring image tokens (all text tokens run) and the others take their
+cached residual. Recomputed tokens attend to every token through the
+engine's key/value cache. Score: the l2 norm of the token's cached residual
+in that block times exp(staleness_scale * steps since it was recomputed) —
+ToCa's attention-map score needs full attention maps, which this engine
+avoids; the norm is its cheap stand-in, the staleness term is ToCa's.
+Defaults: interval 4, 10% recomputed, first 3 steps full (its FLUX setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from specdiff.adapters.base import gather_tokens
+from specdiff.policies.base import PolicyConfig, check_int, check_range, top_tokens
+from specdiff.policies.block_cache import BlockLevelPolicy, count_block, run_and_measure
+
+
+@dataclasses.dataclass(frozen=True)
+class ToCaConfig(PolicyConfig):
+    """interval: steps between full steps; recompute_ratio: share of image tokens each
+    block recomputes in between, (0, 1]; first_full_steps; staleness_scale: weight of
+    the steps since a token was recomputed."""
+
+    method = "toca"
+
+    interval: int = 4
+    recompute_ratio: float = 0.1
+    first_full_steps: int = 3
+    staleness_scale: float = 0.5
+
+    def validate(self) -> None:
+        check_int(self, "interval", 1, 100)
+        check_range(self, "recompute_ratio", 0.0, 1.0, low_open=True)
+        check_int(self, "first_full_steps", 1)
+        check_range(self, "staleness_scale", 0.0, 10.0)
+
+
+class ToCaPolicy(BlockLevelPolicy):
+    config: ToCaConfig
+
+    def is_full(self, step: int) -> bool:
+        cfg = self.config
+        return step < cfg.first_full_steps or (step - cfg.first_full_steps) % cfg.interval == 0
+
+    def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
+        residuals = state.setdefault("residuals", {})
+        stale = state.setdefault("stale", {})
+        if self.is_full(step) or index not in residuals:
+            count_block(state, 1.0, index, num_blocks)
+            text, tokens, residuals[index] = run_and_measure(block, tokens, text)
+            stale[index] = torch.zeros(tokens.shape[:2], device=tokens.device)
+            return text, tokens
+        image_residual, _ = residuals[index]
+        score = image_residual.float().norm(dim=-1) * torch.exp(self.config.staleness_scale * stale[index])
+        active = top_tokens(score, 1.0 - self.config.recompute_ratio)
+        count_block(state, active.shape[1] / tokens.shape[1], index, num_blocks)
+        subset = gather_tokens(tokens, active)
+        new_text, new_subset = block(subset, text, active=active)
+        index_rows = active.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        image_residual = image_residual.scatter(1, index_rows, new_subset - subset)
+        text_residual = None if new_text is None or text is None else new_text - text
+        residuals[index] = (image_residual, text_residual)
+        stale[index] = (stale[index] + 1).scatter(1, active, 0.0)
+        return new_text, tokens + image_residual
