@@ -53,3 +53,24 @@ def test_two_processes_give_the_same_numbers_as_one(tmp_path):
         assert a["psnr_mean"] == pytest.approx(b["psnr_mean"], rel=1e-6)
         assert a["ssim_mean"] == pytest.approx(b["ssim_mean"], rel=1e-6)
         assert a["flops_per_image"] == b["flops_per_image"]
+
+
+def test_diffusers_peer_runs_in_the_same_table(tmp_path):
+    peer = "diffusers-taylorseer:cache_interval=3,disable_cache_before_step=2"
+    assert main(["bench", "--model", "tiny-sd3", "--methods", "full", peer, "--num-prompts", "1",
+                 "--batch-size", "1", "--steps", "8", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert rows[1]["method"] == peer
+    assert rows[1]["flops_ratio"] > 1.3  # its hooks really skipped work
+    assert rows[1]["psnr_mean"] > 20
+
+
+def test_peer_refuses_what_it_cannot_run(tmp_path, capsys):
+    from specdiff.evaluation.benchmark import parse_method
+    from specdiff.evaluation.peers import diffusers_cache
+    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+
+    spec = parse_method("diffusers-fbc:threshold=0.1")
+    with pytest.raises(ValueError, match="FLUX only"):
+        with diffusers_cache(tiny_sd3_pipeline(), *spec.peer):
+            pass

@@ -12,6 +12,7 @@ pareto.png and grid.png under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,12 +32,35 @@ FULL = "full"
 class MethodSpec:
     label: str
     config: object | None  # None = full compute, no engine
+    peer: tuple[str, dict] | None = None  # another library's cache (evaluation/peers.py)
+
+    @contextlib.contextmanager
+    def active(self, pipe):
+        """Enable this method on pipe for the duration of the block."""
+        import specdiff
+
+        if self.peer is not None:
+            from specdiff.evaluation.peers import diffusers_cache
+
+            with diffusers_cache(pipe, *self.peer):
+                yield None
+            return
+        if self.config is None:
+            yield None
+            return
+        specdiff.enable(pipe, self.config)
+        try:
+            yield lambda: specdiff.summary(pipe)
+        finally:
+            specdiff.disable(pipe)
 
 
 def parse_method(text: str) -> MethodSpec:
     """'full', 'specdiff', or 'specdiff:cache_ratio=0.9,warmup_steps=3'."""
     import specdiff
     from specdiff.policies.registry import config_for
+
+    from specdiff.evaluation.peers import PEERS
 
     name, _, rest = text.partition(":")
     if name == FULL and not rest:
@@ -47,6 +71,8 @@ def parse_method(text: str) -> MethodSpec:
         if not sep:
             raise specdiff.ConfigError(f"method option {item!r} must look like key=value")
         fields[key.strip()] = _parse_value(value.strip())
+    if name in PEERS:
+        return MethodSpec(text, None, peer=(name, fields))
     from specdiff.policies.registry import POLICIES
 
     if name in POLICIES:
@@ -146,41 +172,28 @@ def _generate(pipe, prompts, seeds, steps, extra, device):
 
 
 def _flops(pipe, spec: MethodSpec, prompt: str, seed: int, steps: int, extra) -> int:
-    import specdiff
     from specdiff.evaluation.flops import count_module_flops
 
-    if spec.config is not None:
-        specdiff.enable(pipe, spec.config)
-    try:
+    with spec.active(pipe):
         return count_module_flops(
             lambda: pipe(prompt=[prompt], num_inference_steps=steps, generator=[torch.Generator().manual_seed(seed)],
                          output_type="latent", **extra),
             pipe.transformer,
         )
-    finally:
-        if spec.config is not None:
-            specdiff.disable(pipe)
 
 
 def run_shard(pipe, methods, prompts, indices, seed, steps, batch_size, extra, device, show_progress=True):
     """Generate prompts[indices] with every method, interleaved per batch. Returns per-batch records."""
-    import specdiff
-
     records = []
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     bar = tqdm(total=len(batches) * len(methods), desc="benchmark", disable=not show_progress)
     for batch in batches:
         texts = [prompts[i] for i in batch]
         for spec in methods:
-            if spec.config is not None:
-                specdiff.enable(pipe, spec.config)
-            try:
+            with spec.active(pipe) as get_summary:
                 with PeakMemory(device) as memory:
                     images, seconds = _generate(pipe, texts, [seed + i for i in batch], steps, extra, device)
-                summary = specdiff.summary(pipe) if spec.config is not None else None
-            finally:
-                if spec.config is not None:
-                    specdiff.disable(pipe)
+                summary = get_summary() if get_summary is not None else None
             records.append({
                 "method": spec.label, "prompt_indices": list(batch), "seconds": seconds,
                 "seconds_per_image": seconds / len(batch), "peak_memory_bytes": int(memory.peak),
@@ -224,7 +237,7 @@ def summarise(methods, records, prompts, scenes, flops, checker=None):
         finite = [p for p in psnrs if np.isfinite(p)]
         row = {
             "method": spec.label,
-            "config": repr(spec.config) if spec.config is not None else "FullComputeConfig()",
+            "config": repr(spec.config) if spec.config is not None else repr(spec.peer or "FullComputeConfig()"),
             "images": len(order),
             "seconds_per_image_median": statistics.median(r["seconds_per_image"] for r in rs),
             "speedup_wallclock_median": statistics.median(ratios),
