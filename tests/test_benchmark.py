@@ -74,3 +74,23 @@ def test_peer_refuses_what_it_cannot_run(tmp_path, capsys):
     with pytest.raises(ValueError, match="FLUX only"):
         with diffusers_cache(tiny_sd3_pipeline(), *spec.peer):
             pass
+
+
+def test_cache_dit_peer_runs_and_is_removed(tmp_path):
+    import torch
+
+    from specdiff.evaluation.peers import diffusers_cache
+    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a cat", num_inference_steps=8, height=64, width=64, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    plain = run()
+    with diffusers_cache(pipe, "cache-dit-dbcache", {"residual_diff_threshold": 10.0, "max_warmup_steps": 2}):
+        cached = run()
+    assert not torch.equal(cached, plain)  # it skipped blocks
+    assert torch.equal(run(), plain)  # and is gone afterwards

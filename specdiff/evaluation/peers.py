@@ -1,5 +1,8 @@
 """Other libraries' caches, run on the same pipeline in the same benchmark.
 
+cache-dit (optional, `pip install cache-dit`): DBCache through its one-call
+`enable_cache` / `disable_cache`.
+
 diffusers' own hooks (0.42): TaylorSeerCache and FirstBlockCache. On a FLUX
 transformer (it has diffusers' CacheMixin) they go through `enable_cache`;
 SD3's transformer has no CacheMixin and its pipeline sets no cache context,
@@ -11,13 +14,45 @@ from __future__ import annotations
 
 import contextlib
 
-PEERS = ("diffusers-taylorseer", "diffusers-fbc")
+PEERS = ("diffusers-taylorseer", "diffusers-fbc", "cache-dit-dbcache")
+
+
+@contextlib.contextmanager
+def cache_dit_dbcache(pipe, fields: dict):
+    """cache-dit's DBCache (F1B0 unless told otherwise); pipelines it does not know
+    (the embedded model's) get a BlockAdapter over the SD3-style block list."""
+    import os
+
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # read when cache_dit is first imported
+    try:
+        import cache_dit
+    except ImportError:
+        raise ValueError("cache-dit-dbcache needs the cache-dit package: pip install cache-dit") from None
+    options = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, **fields}
+    config = cache_dit.DBCacheConfig(**options)
+    try:
+        cache_dit.enable_cache(pipe, cache_config=config)
+    except ValueError:
+        from cache_dit import BlockAdapter, ForwardPattern
+
+        adapter = BlockAdapter(pipe=pipe, transformer=pipe.transformer, blocks=pipe.transformer.transformer_blocks,
+                               forward_pattern=ForwardPattern.Pattern_1)
+        cache_dit.enable_cache(adapter, cache_config=config)
+    try:
+        yield
+    finally:
+        cache_dit.disable_cache(pipe)
 
 
 @contextlib.contextmanager
 def diffusers_cache(pipe, name: str, fields: dict):
     from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, TaylorSeerCacheConfig
     from diffusers.models.cache_utils import CacheMixin
+
+    if name == "cache-dit-dbcache":
+        with cache_dit_dbcache(pipe, fields):
+            yield
+        return
 
     transformer = pipe.transformer
     has_mixin = isinstance(transformer, CacheMixin)
