@@ -180,3 +180,22 @@ def test_an_error_mid_generation_leaves_no_state(sd3):
         assert torch.equal(generate(sd3, seed=2), reference)
     finally:
         specdiff.disable(sd3)
+
+
+@pytest.mark.parametrize("build", [tiny_sd3_pipeline, tiny_flux_pipeline])
+def test_half_precision_follows_the_pipeline(build):
+    pipe = build().to(dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    plain = generate(pipe)
+    specdiff.enable(pipe, specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1))
+    try:
+        exact = generate(pipe)
+    finally:
+        specdiff.disable(pipe)
+    specdiff.enable(pipe, specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2))
+    try:
+        fast = generate(pipe)
+    finally:
+        specdiff.disable(pipe)
+    torch.testing.assert_close(exact, plain, rtol=0, atol=2e-2)
+    assert torch.isfinite(fast).all()
