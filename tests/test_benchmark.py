@@ -94,3 +94,14 @@ def test_cache_dit_peer_runs_and_is_removed(tmp_path):
         cached = run()
     assert not torch.equal(cached, plain)  # it skipped blocks
     assert torch.equal(run(), plain)  # and is gone afterwards
+    assert "forward" not in vars(pipe.transformer)
+
+
+def test_cache_dit_on_the_embedded_pipeline_leaves_it_clean():
+    from specdiff.evaluation.peers import diffusers_cache
+    from specdiff.reference.pipeline import load_scene_pipeline
+
+    pipe = load_scene_pipeline()
+    with diffusers_cache(pipe, "cache-dit-dbcache", {}):
+        pass
+    assert "forward" not in vars(pipe.transformer)

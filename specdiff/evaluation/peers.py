@@ -29,6 +29,7 @@ def cache_dit_dbcache(pipe, fields: dict):
     except ImportError:
         raise ValueError("cache-dit-dbcache needs the cache-dit package: pip install cache-dit") from None
     options = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, **fields}
+    had_forward = "forward" in vars(pipe.transformer)
     config = cache_dit.DBCacheConfig(**options)
     try:
         cache_dit.enable_cache(pipe, cache_config=config)
@@ -42,6 +43,10 @@ def cache_dit_dbcache(pipe, fields: dict):
         yield
     finally:
         cache_dit.disable_cache(pipe)
+        if not had_forward:
+            # seen with cache-dit 1.5.3 and a BlockAdapter: disable_cache leaves an
+            # instance-level forward on the transformer; put the instance back as it was
+            vars(pipe.transformer).pop("forward", None)
 
 
 @contextlib.contextmanager
