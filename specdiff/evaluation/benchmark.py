@@ -327,7 +327,18 @@ def image_grid(methods, records, prompt_count: int, path: Path, max_rows: int = 
             img = per[m.label][i].transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
             canvas[y * (h * scale + pad) : y * (h * scale + pad) + h * scale,
                    x * (w * scale + pad) : x * (w * scale + pad) + w * scale] = img
-    Image.fromarray((canvas.clip(0, 1) * 255).round().astype(np.uint8)).save(path)
+    grid = Image.fromarray((canvas.clip(0, 1) * 255).round().astype(np.uint8))
+    # a header with each column's number; results.md names the methods behind the numbers
+    from PIL import ImageDraw
+
+    header = Image.new("RGB", (grid.width, 14), "white")
+    draw = ImageDraw.Draw(header)
+    for x in range(len(methods)):
+        draw.text((x * (w * scale + pad) + 2, 1), str(x), fill="black")
+    labelled = Image.new("RGB", (grid.width, grid.height + header.height), "white")
+    labelled.paste(header, (0, 0))
+    labelled.paste(grid, (0, header.height))
+    labelled.save(path)
 
 
 def run_benchmark(args) -> list[dict]:
@@ -379,7 +390,8 @@ def run_benchmark(args) -> list[dict]:
     ]
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "batches": per_prompt}, indent=1))
     table = markdown_table(rows)
-    (out / "results.md").write_text(f"{table}\n\n{json.dumps(meta)}\n")
+    legend = ", ".join(f"{i}: {m.label}" for i, m in enumerate(methods))
+    (out / "results.md").write_text(f"{table}\n\ngrid.png columns: {legend}\n\n{json.dumps(meta)}\n")
     pareto_plot(rows, out / "pareto.png")
     image_grid(methods, records, len(prompts), out / "grid.png")
     print(table)
