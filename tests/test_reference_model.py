@@ -107,3 +107,17 @@ def test_alignment_scoring_counts_each_attribute():
     hits = attribute_hits(asked, moved)
     assert hits["position"] == [0] and hits["colour"] == [1] and hits["size"] == [0]
     assert attribute_hits(asked, scenes.Scene("black", ()))["colour"] == [0]
+
+
+def test_training_resumes_and_exports(tmp_path, capsys):
+    from specdiff.reference.train import main as train
+
+    run = tmp_path / "run"
+    train(["--out", str(run), "--steps", "2", "--save-every", "1", "--batch-size", "2"])
+    train(["--out", str(run), "--steps", "3", "--save-every", "1", "--batch-size", "2"])
+    assert "resumed at step 2" in capsys.readouterr().out
+    assert len((run / "loss.csv").read_text().splitlines()) == 1 + 3
+    train(["--out", str(run), "--export", str(tmp_path / "model")])
+    pipe = load_scene_pipeline(tmp_path / "model")
+    assert (tmp_path / "model" / "training" / "loss.png").exists()
+    assert pipe.transformer.config.num_layers == 4

@@ -5,7 +5,9 @@
 Every `--save-every` steps it writes a checkpoint (weights, EMA weights,
 optimizer, RNG states, loss log) under --out; rerunning the same command
 continues from the latest one. `--export DIR` writes the EMA weights as a
-diffusers folder (see specdiff.reference.pipeline).
+diffusers folder (see specdiff.reference.pipeline). Without the run folder
+(it is not committed), `--init-from specdiff/reference/weights` continues
+from the shipped weights with a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--export", type=Path, default=None, help="write the EMA weights of --out's checkpoint here and exit")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start a new run from a model folder's weights (e.g. the shipped one) with a fresh optimizer")
     return p.parse_args(argv)
 
 
@@ -74,6 +78,14 @@ def main(argv=None) -> None:
         gen.set_state(state["gen"])
         step = state["step"]
         print(f"resumed at step {step}")
+    elif args.init_from is not None:
+        from diffusers import SD3Transformer2DModel
+
+        start = SD3Transformer2DModel.from_pretrained(args.init_from / "transformer", local_files_only=True,
+                                                      use_safetensors=True, torch_dtype=torch.float32)
+        model.load_state_dict(start.state_dict())
+        ema.load_state_dict(start.state_dict())
+        print(f"starting from the weights in {args.init_from}")
     encoder = SceneTextEncoder()
     empty_tokens, empty_pooled = encoder([""])
 
@@ -83,7 +95,7 @@ def main(argv=None) -> None:
     writer = csv.writer(log)
     if new_log:
         writer.writerow(["step", "loss", "seconds"])
-    (args.out / "args.json").write_text(json.dumps({**vars(args), "out": str(args.out), "config": TRANSFORMER_CONFIG}, indent=1))
+    (args.out / "args.json").write_text(json.dumps({**vars(args), "config": TRANSFORMER_CONFIG}, indent=1, default=str))
 
     model.train()
     started = time.time()
