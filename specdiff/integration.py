@@ -242,6 +242,11 @@ def _speculate(pipe, base_call, arguments: dict, runtime: Runtime) -> None:
     for key in ("timesteps", "sigmas", "callback_on_step_end"):
         if key in spec_args:
             spec_args[key] = None
+    if not runtime.policy.speculative_cfg:
+        if _uses_cfg(pipe, arguments) == 2:
+            spec_args["guidance_scale"] = 1.0  # conditional rows only
+        if (spec_args.get("true_cfg_scale") or 1.0) > 1.0:
+            spec_args["true_cfg_scale"] = 1.0  # FLUX: no negative branch
     progress = getattr(pipe, "_progress_bar_config", None)
     runtime.start_speculation()
     with _same_randomness(arguments):

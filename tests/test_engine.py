@@ -199,3 +199,26 @@ def test_half_precision_follows_the_pipeline(build):
         specdiff.disable(pipe)
     torch.testing.assert_close(exact, plain, rtol=0, atol=2e-2)
     assert torch.isfinite(fast).all()
+
+
+@pytest.mark.parametrize("case", ["sd3-cfg", "flux-true-cfg"])
+def test_speculation_without_cfg_rows_is_cheaper_and_still_exact_at_ratio_zero(case):
+    build, extra = CASES[case]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    plain = generate(pipe, **extra)
+    specdiff.enable(pipe, specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, speculative_cfg=False))
+    try:
+        exact = generate(pipe, **extra)
+        summary = specdiff.summary(pipe)
+    finally:
+        specdiff.disable(pipe)
+    torch.testing.assert_close(exact, plain, rtol=1e-5, atol=1e-5)
+    speculative = [r for r in summary.records if r.phase == "speculative"]
+    assert len(speculative) == 2 and {r.branch for r in speculative} == {0}  # one row set, no CFG branch
+    specdiff.enable(pipe, specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, speculative_cfg=False))
+    try:
+        fast = generate(pipe, **extra)
+    finally:
+        specdiff.disable(pipe)
+    assert torch.isfinite(fast).all()

@@ -170,8 +170,9 @@ class Runtime:
         self._last_timestep = timestep
         while len(self._branches) <= self._branch:
             state = BranchState()
-            if len(self._speculated) > len(self._branches):
-                state.future = self._speculated[len(self._branches)]
+            if self._speculated:
+                # a speculative pass without a CFG branch serves every branch with its maps
+                state.future = self._speculated[min(len(self._branches), len(self._speculated) - 1)]
             self._branches.append(state)
         return self._branches[self._branch]
 
@@ -201,7 +202,7 @@ class Runtime:
                 num_tokens=num_tokens,
                 device=device,
                 attention=branch.attention,
-                future=lambda t, b=branch: nearest_future(b.future, t),
+                future=lambda t, b=branch: rows_for(nearest_future(b.future, t), batch),
                 cached_count=branch.history.cached_count,
                 last_outputs=branch.history.outputs,
                 cfg_groups=self.cfg_groups if batch % max(self.cfg_groups, 1) == 0 else 1,
@@ -270,6 +271,15 @@ class Runtime:
         ctx.active = None
         ctx.tap_sum = None
         return output
+
+
+def rows_for(scores: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Speculative maps made without the CFG rows serve both halves ([uncond, cond] share a prompt order)."""
+    if scores is None or scores.shape[0] == batch:
+        return scores
+    if batch % scores.shape[0]:
+        raise RuntimeError(f"speculative maps for {scores.shape[0]} rows cannot serve a batch of {batch}")
+    return scores.repeat(batch // scores.shape[0], 1)
 
 
 def nearest_future(future: list[tuple[float, torch.Tensor]], timestep: float) -> torch.Tensor | None:

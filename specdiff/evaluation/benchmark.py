@@ -87,6 +87,8 @@ def parse_method(text: str) -> MethodSpec:
 
 
 def _parse_value(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
     if value.startswith("(") or "/" in value:
         return tuple(int(v) for v in value.strip("()").replace("/", " ").split())
     for cast in (int, float):

@@ -118,6 +118,10 @@ class Policy:
         return 0
 
     @property
+    def speculative_cfg(self) -> bool:
+        return True
+
+    @property
     def uses_attention(self) -> bool:
         return False
 

@@ -46,6 +46,9 @@ class SpecDiffConfig(DenseScheduleConfig):
     tap_queries: sampled queries per attention layer that measure attention received.
     tap_include_text: whether text-token queries also count (MMDiT joint attention).
     share_cfg_selection: CFG rows of one prompt use one token selection.
+    speculative_cfg: run the speculative pass with the pipeline's classifier-free
+      guidance (True, the paper's "same input") or on the conditional rows only
+      (False: about half its cost; the maps are shared by both CFG halves).
     """
 
     method = "specdiff"
@@ -58,6 +61,7 @@ class SpecDiffConfig(DenseScheduleConfig):
     tap_queries: int = 64
     tap_include_text: bool = False
     share_cfg_selection: bool = True
+    speculative_cfg: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -74,6 +78,10 @@ class SpecDiffPolicy(Policy):
     @property
     def speculative_steps(self) -> int:
         return self.config.speculative_steps
+
+    @property
+    def speculative_cfg(self) -> bool:
+        return self.config.speculative_cfg
 
     @property
     def uses_attention(self) -> bool:
