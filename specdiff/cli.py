@@ -51,6 +51,10 @@ def _build_config(args):
         if option not in names:
             raise CLIError(f"--{option.replace('_', '-')} does not apply to --method {args.method}")
         fields[option] = value
+    if getattr(args, "speculative_cfg", None) is not None:
+        if "speculative_cfg" not in names:
+            raise CLIError(f"--speculative-cfg does not apply to --method {args.method}")
+        fields["speculative_cfg"] = args.speculative_cfg == "on"
     if args.reset_steps is not None:
         if "reset_steps" not in names:
             raise CLIError(f"--reset-steps does not apply to --method {args.method}")
@@ -211,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reset-steps", type=int, nargs="*", dest="reset_steps")
     gen.add_argument("--speculative-steps", type=int, dest="speculative_steps")
     gen.add_argument("--starvation-scale", type=float, dest="starvation_scale")
+    gen.add_argument("--speculative-cfg", choices=["on", "off"], dest="speculative_cfg",
+                     help="specdiff: run the speculative pass with CFG (on, default) or conditional rows only (off)")
     gen.add_argument("--reuse-mass", type=float, dest="reuse_mass")
     gen.add_argument("--tap-queries", type=int, dest="tap_queries")
     gen.add_argument("--interval", type=int, help="fora / taylorseer: steps between full steps")

@@ -12,7 +12,7 @@ from specdiff.cli import main
 def test_generate_prints_speed_and_fidelity_and_saves_images(tmp_path, capsys):
     code = main([
         "generate", "a large red circle at the top left on a white background", "--steps", "6", "--repeats", "1",
-        "--warmup-steps", "2", "--out", str(tmp_path / "out"), "--quiet", "--summary",
+        "--warmup-steps", "2", "--speculative-cfg", "off", "--out", str(tmp_path / "out"), "--quiet", "--summary",
     ])
     out = capsys.readouterr().out
     assert code == 0
@@ -30,6 +30,7 @@ def test_generate_prints_speed_and_fidelity_and_saves_images(tmp_path, capsys):
         (["generate", "x", "--method", "magic"], "--method must be one of"),
         (["generate", "x", "--method", "ras", "--speculative-steps", "2"], "does not apply"),
         (["generate", "x", "--steps", "0"], "--steps must be at least 1"),
+        (["generate", "x", "--method", "fora", "--speculative-cfg", "off"], "does not apply"),
     ],
 )
 def test_bad_arguments_give_one_clear_line(argv, message, capsys):
