@@ -30,9 +30,20 @@ def test_bench_writes_every_artefact(tmp_path, capsys):
     assert "| fora |" in capsys.readouterr().out
 
 
+def test_full_compute_with_fewer_steps_is_a_baseline(tmp_path):
+    assert main(["bench", "--model", "tiny-sd3", "--methods", "full", "full:steps=2", "--num-prompts", "1",
+                 "--batch-size", "1", "--steps", "4", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert rows[1]["method"] == "full:steps=2"
+    assert rows[1]["flops_ratio"] == pytest.approx(2.0, rel=0.01)  # half the steps, half the transformer FLOPs
+    assert rows[1]["psnr_mean"] < 100  # a different image from the 4-step one
+
+
 def test_bad_method_spec_is_a_clear_error(tmp_path, capsys):
     assert main(["bench", "--model", "tiny-sd3", "--methods", "specdiff:cache_ratio=2", "--out", str(tmp_path)]) == 2
     assert "cache_ratio must be in" in capsys.readouterr().err
+    assert main(["bench", "--model", "tiny-sd3", "--methods", "full:steps=0", "--out", str(tmp_path)]) == 2
+    assert "steps=N" in capsys.readouterr().err
 
 
 def test_two_processes_give_the_same_numbers_as_one(tmp_path):

@@ -33,6 +33,7 @@ class MethodSpec:
     label: str
     config: object | None  # None = full compute, no engine
     peer: tuple[str, dict] | None = None  # another library's cache (evaluation/peers.py)
+    steps: int | None = None  # "full:steps=N": full compute with fewer steps (None = the run's --steps)
 
     @contextlib.contextmanager
     def active(self, pipe):
@@ -65,6 +66,11 @@ def parse_method(text: str) -> MethodSpec:
     name, _, rest = text.partition(":")
     if name == FULL and not rest:
         return MethodSpec(FULL, None)
+    if name == FULL:
+        key, _, value = rest.partition("=")
+        if key != "steps" or not value.isdigit() or int(value) < 1:
+            raise specdiff.ConfigError(f"{text}: full compute takes only steps=N (N >= 1), e.g. full:steps=10")
+        return MethodSpec(text, None, steps=int(value))
     fields = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
@@ -176,6 +182,7 @@ def _generate(pipe, prompts, seeds, steps, extra, device):
 def _flops(pipe, spec: MethodSpec, prompt: str, seed: int, steps: int, extra) -> int:
     from specdiff.evaluation.flops import count_module_flops
 
+    steps = spec.steps or steps
     with spec.active(pipe):
         return count_module_flops(
             lambda: pipe(prompt=[prompt], num_inference_steps=steps, generator=[torch.Generator().manual_seed(seed)],
@@ -194,7 +201,7 @@ def run_shard(pipe, methods, prompts, indices, seed, steps, batch_size, extra, d
         for spec in methods:
             with spec.active(pipe) as get_summary:
                 with PeakMemory(device) as memory:
-                    images, seconds = _generate(pipe, texts, [seed + i for i in batch], steps, extra, device)
+                    images, seconds = _generate(pipe, texts, [seed + i for i in batch], spec.steps or steps, extra, device)
                 summary = get_summary() if get_summary is not None else None
             records.append({
                 "method": spec.label, "prompt_indices": list(batch), "seconds": seconds,
