@@ -226,7 +226,7 @@ class Runtime:
 
     def run_block(self, index: int, num_blocks: int, block, tokens: torch.Tensor, text: torch.Tensor):
         """Run transformer block `index` as block(tokens, text) -> (text, tokens), or let a
-        block-level policy (FORA, TaylorSeer, first-block cache) stand in for it."""
+        block-level policy (FORA, TaylorSeer, ToCa, first-block cache) stand in for it."""
         if self.phase != "real" or not self.policy.block_level:
             return block(tokens, text)
         branch = self._branches[self._branch]

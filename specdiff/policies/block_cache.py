@@ -1,4 +1,4 @@
-"""Shared by the block-level caches (FORA, TaylorSeer, first-block cache): a block's
+"""Shared by the block-level caches (FORA, TaylorSeer, ToCa, first-block cache): a block's
 effect is its residual (output - input) for the image and the text stream; a cached
 block adds a stored or predicted residual instead of running."""
 
@@ -16,6 +16,11 @@ class BlockLevelPolicy(Policy):
 
     def plan(self, signals: StepSignals) -> StepPlan:
         return DENSE
+
+
+def full_step(step: int, first_full_steps: int, interval: int) -> bool:
+    """The first `first_full_steps` steps, then every `interval`-th one, run in full."""
+    return step < first_full_steps or (step - first_full_steps) % interval == 0
 
 
 def run_and_measure(block, tokens: torch.Tensor, text: torch.Tensor | None):

@@ -103,10 +103,8 @@ class SpecDiffPolicy(Policy):
         importance = self.importance(signals)
         score = importance
         if self.config.starvation_scale > 0 and signals.cached_count is not None:
-            starvation = signals.cached_count.float()
-            if self.config.share_cfg_selection:
-                starvation = share_across_cfg(starvation, signals.cfg_groups)
-            score = importance * torch.exp(self.config.starvation_scale * starvation)
+            # rows sharing a selection share their cached counts too: no averaging needed
+            score = importance * torch.exp(self.config.starvation_scale * signals.cached_count.float())
         compute = top_tokens(score, self.config.cache_ratio)
         # C2 is chosen on importance alone: starvation says how long a token has waited,
         # not how much its output moves, and its exponential would swamp the mass rule.

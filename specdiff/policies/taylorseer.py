@@ -15,7 +15,7 @@ import dataclasses
 import math
 
 from specdiff.policies.base import PolicyConfig, check_int
-from specdiff.policies.block_cache import BlockLevelPolicy, count_block, run_and_measure
+from specdiff.policies.block_cache import BlockLevelPolicy, count_block, full_step, run_and_measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +38,9 @@ class TaylorSeerConfig(PolicyConfig):
 class TaylorSeerPolicy(BlockLevelPolicy):
     config: TaylorSeerConfig
 
-    def is_full(self, step: int) -> bool:
-        cfg = self.config
-        return step < cfg.first_full_steps or (step - cfg.first_full_steps) % cfg.interval == 0
-
     def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
         factors = state.setdefault("factors", {})  # index -> (step, [d0, d1, ...] per stream)
-        full = self.is_full(step) or index not in factors
+        full = full_step(step, self.config.first_full_steps, self.config.interval) or index not in factors
         count_block(state, full, index, num_blocks)
         if full:
             text, tokens, residual = run_and_measure(block, tokens, text)
@@ -62,8 +58,8 @@ class TaylorSeerPolicy(BlockLevelPolicy):
                     ))
             factors[index] = (step, derivatives)
             return text, tokens
-        full_step, derivatives = factors[index]
-        distance = step - full_step
+        anchor_step, derivatives = factors[index]
+        distance = step - anchor_step
         image = sum(d[0] * distance**k / math.factorial(k) for k, d in enumerate(derivatives))
         text_delta = None
         if derivatives[0][1] is not None:

@@ -20,7 +20,7 @@ import torch
 
 from specdiff.adapters.base import gather_tokens
 from specdiff.policies.base import PolicyConfig, check_int, check_range, top_tokens
-from specdiff.policies.block_cache import BlockLevelPolicy, count_block, run_and_measure
+from specdiff.policies.block_cache import BlockLevelPolicy, count_block, full_step, run_and_measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +46,10 @@ class ToCaConfig(PolicyConfig):
 class ToCaPolicy(BlockLevelPolicy):
     config: ToCaConfig
 
-    def is_full(self, step: int) -> bool:
-        cfg = self.config
-        return step < cfg.first_full_steps or (step - cfg.first_full_steps) % cfg.interval == 0
-
     def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
         residuals = state.setdefault("residuals", {})
         stale = state.setdefault("stale", {})
-        if self.is_full(step) or index not in residuals:
+        if full_step(step, self.config.first_full_steps, self.config.interval) or index not in residuals:
             count_block(state, 1.0, index, num_blocks)
             text, tokens, residuals[index] = run_and_measure(block, tokens, text)
             stale[index] = torch.zeros(tokens.shape[:2], device=tokens.device)

@@ -221,6 +221,16 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 
 
+def frechet_floor(model: SceneChecker, count: int = 64) -> float:
+    """Fréchet distance between two render sets of the same held-out prompts: the scale's floor."""
+    from specdiff.reference.scenes import held_out_prompts
+
+    scenes = held_out_prompts(count)
+    first = checker_features(model, render_batch(scenes, random.Random(0)))
+    second = checker_features(model, render_batch(scenes, random.Random(1)))
+    return frechet_distance(first, second)
+
+
 @torch.no_grad()
 def checker_features(model: SceneChecker, images: torch.Tensor) -> np.ndarray:
     return model.embed(images.float().clamp(0, 1)).numpy()
@@ -244,6 +254,7 @@ def main(argv=None) -> None:
             acc = evaluate_checker(model, degrade=degrade)
             label = "noisy/blurred renders" if degrade else "clean renders"
             print(f"checker accuracy on 2000 fresh {label}: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+        print(f"Fréchet floor (renders vs renders of the 64 held-out prompts, other jitter): {frechet_floor(model):.1f}")
 
 
 if __name__ == "__main__":

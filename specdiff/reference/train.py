@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--export", type=Path, default=None, help="write the EMA weights of --out's checkpoint here and exit")
+    p.add_argument("--loss-summary", type=Path, default=None,
+                   help="print 100-step means and seconds per step of a loss.csv and exit")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start a new run from a model folder's weights (e.g. the shipped one) with a fresh optimizer")
     return p.parse_args(argv)
@@ -54,6 +56,9 @@ def logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.loss_summary is not None:
+        summarise_loss(args.loss_summary)
+        return
     if args.export is not None:
         export_checkpoint(args.out / "checkpoint.pt", args.export)
         return
@@ -140,6 +145,19 @@ def main(argv=None) -> None:
             os.replace(tmp, ckpt_path)  # never a half-written checkpoint
     bar.close()
     log.close()
+
+
+def summarise_loss(log: Path, window: int = 100) -> None:
+    """The loss-curve figures quoted in the model card."""
+    rows = list(csv.DictReader(open(log)))
+    loss = [float(r["loss"]) for r in rows]
+    for start in (0, 1000, 2000, 4000, 6000, len(rows) - window):
+        if 0 <= start < len(rows):
+            segment = loss[start : start + window]
+            print(f"steps {start + 1}-{start + len(segment)}: mean loss {sum(segment) / len(segment):.3f}")
+    seconds = [float(r["seconds"]) for r in rows]
+    print(f"{len(rows)} steps in {seconds[-1]:.0f} s; last 1000 steps at "
+          f"{(seconds[-1] - seconds[-1001]) / 1000:.2f} s per step" if len(rows) > 1000 else f"{len(rows)} steps")
 
 
 def plot_loss(log: Path, path: Path, window: int = 100) -> None:
