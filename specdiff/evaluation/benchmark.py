@@ -319,8 +319,11 @@ def pareto_plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def image_grid(methods, records, prompt_count: int, path: Path, max_rows: int = 8) -> None:
-    from PIL import Image
+def image_grid(methods, records, prompts: list[str], path: Path, max_rows: int = 8) -> None:
+    """Rows = prompts (text on the left), columns = methods (names written upwards on top)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
 
     per = {m.label: {} for m in methods}
     for r in records:
@@ -329,25 +332,28 @@ def image_grid(methods, records, prompt_count: int, path: Path, max_rows: int = 
     rows = sorted(per[FULL])[:max_rows]
     h, w = per[FULL][rows[0]].shape[1:]
     scale = max(1, 96 // max(h, w))
-    pad = 2
-    canvas = np.ones(((h * scale + pad) * len(rows), (w * scale + pad) * len(methods), 3))
+    cell_w, cell_h, pad = w * scale, h * scale, 2
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(font.getbbox("Ag")[3]) + 2
+    wrapped = {i: textwrap.wrap(prompts[i], 28)[: max(1, cell_h // line_h)] for i in rows}
+    left = int(max((measure.textlength(t, font=font) for i in rows for t in wrapped[i]), default=0)) + 10
+    top = int(max(measure.textlength(m.label, font=font) for m in methods)) + 8
+    sheet = Image.new("RGB", (left + (cell_w + pad) * len(methods), top + (cell_h + pad) * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for x, m in enumerate(methods):
+        label = Image.new("RGB", (top - 4, line_h), "white")
+        ImageDraw.Draw(label).text((0, 0), m.label, fill="black", font=font)
+        sheet.paste(label.rotate(90, expand=True), (left + x * (cell_w + pad) + (cell_w - line_h) // 2, 2))
     for y, i in enumerate(rows):
+        y0 = top + y * (cell_h + pad)
+        for n, text in enumerate(wrapped[i]):
+            draw.text((4, y0 + n * line_h), text, fill="black", font=font)
         for x, m in enumerate(methods):
             img = per[m.label][i].transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
-            canvas[y * (h * scale + pad) : y * (h * scale + pad) + h * scale,
-                   x * (w * scale + pad) : x * (w * scale + pad) + w * scale] = img
-    grid = Image.fromarray((canvas.clip(0, 1) * 255).round().astype(np.uint8))
-    # a header with each column's number; results.md names the methods behind the numbers
-    from PIL import ImageDraw
-
-    header = Image.new("RGB", (grid.width, 14), "white")
-    draw = ImageDraw.Draw(header)
-    for x in range(len(methods)):
-        draw.text((x * (w * scale + pad) + 2, 1), str(x), fill="black")
-    labelled = Image.new("RGB", (grid.width, grid.height + header.height), "white")
-    labelled.paste(header, (0, 0))
-    labelled.paste(grid, (0, header.height))
-    labelled.save(path)
+            tile = Image.fromarray((img.clip(0, 1) * 255).round().astype(np.uint8))
+            sheet.paste(tile, (left + x * (cell_w + pad), y0))
+    sheet.save(path)
 
 
 def run_benchmark(args) -> list[dict]:
@@ -402,7 +408,7 @@ def run_benchmark(args) -> list[dict]:
     legend = ", ".join(f"{i}: {m.label}" for i, m in enumerate(methods))
     (out / "results.md").write_text(f"{table}\n\ngrid.png columns: {legend}\n\n{json.dumps(meta)}\n")
     pareto_plot(rows, out / "pareto.png")
-    image_grid(methods, records, len(prompts), out / "grid.png")
+    image_grid(methods, records, prompts, out / "grid.png")
     print(table)
     if distributed:
         dist.destroy_process_group()
