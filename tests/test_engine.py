@@ -222,3 +222,39 @@ def test_speculation_without_cfg_rows_is_cheaper_and_still_exact_at_ratio_zero(c
     finally:
         specdiff.disable(pipe)
     assert torch.isfinite(fast).all()
+
+
+def test_attention_taps_equal_the_attention_the_model_computes(monkeypatch):
+    """With every image query sampled, the taps are the exact attention each image token receives."""
+    pipe = tiny_sd3_pipeline()
+    transformer = pipe.transformer
+    n_img = (64 // 8 // 2) ** 2  # 64 px, VAE factor 8, patch 2
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 7, transformer.config.joint_attention_dim, generator=torch.Generator().manual_seed(1))
+    pooled = torch.randn(2, transformer.config.pooled_projection_dim, generator=torch.Generator().manual_seed(2))
+    call = dict(hidden_states=sample, encoder_hidden_states=text, pooled_projections=pooled,
+                timestep=torch.tensor([500.0, 500.0]))
+
+    expected = torch.zeros(2, n_img)
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, **kwargs):
+        weights = torch.softmax(query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5, dim=-1)
+        expected.add_(weights.mean(1)[:, :n_img, :n_img].sum(1))  # [image, text] order, heads averaged
+        return real_sdpa(query, key, value, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+        with torch.no_grad():
+            transformer(**call)
+    assert expected.sum() > 0
+
+    config = specdiff.SpecDiffConfig(speculative_steps=0, warmup_steps=1, tap_queries=4096)
+    specdiff.enable(transformer, config, num_inference_steps=STEPS)
+    try:
+        with torch.no_grad():
+            transformer(**call)
+        taps = transformer._specdiff_state.runtime._branches[0].attention
+    finally:
+        specdiff.disable(transformer)
+    torch.testing.assert_close(taps, expected, rtol=1e-4, atol=1e-5)
