@@ -191,9 +191,11 @@ def cmd_bench(args) -> int:
     from specdiff.policies.base import ConfigError
 
     args.argv = sys.argv[2:]
+    from specdiff.evaluation.clip_score import QualityModelMissing
+
     try:
         run_benchmark(args)
-    except ConfigError as error:
+    except (ConfigError, QualityModelMissing) as error:
         raise CLIError(str(error)) from None
     return 0
 

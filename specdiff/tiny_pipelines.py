@@ -117,3 +117,22 @@ def tiny_flux_pipeline(width: int = 64, double_layers: int = 1, single_layers: i
         text_encoder=clip_plain, tokenizer=_clip_tokenizer(),
         text_encoder_2=_t5_encoder(64, len(_t5_tokenizer())), tokenizer_2=_t5_tokenizer(),
     ))
+
+
+def save_tiny_clip(folder) -> None:
+    """A tiny random CLIPModel + CLIPProcessor saved to `folder` (for testing the CLIP score offline)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = _clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)

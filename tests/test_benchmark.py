@@ -116,3 +116,39 @@ def test_cache_dit_on_the_embedded_pipeline_leaves_it_clean():
     with diffusers_cache(pipe, "cache-dit-dbcache", {}):
         pass
     assert "forward" not in vars(pipe.transformer)
+
+
+def test_prompt_file_clip_score_and_saved_images(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from specdiff.evaluation.clip_score import ClipScorer
+    from specdiff.tiny_pipelines import save_tiny_clip
+
+    save_tiny_clip(tmp_path / "clip")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\na blue car\na green tree\n")
+    out = tmp_path / "out"
+    assert main(["bench", "--model", "tiny-sd3", "--methods", "full", "fora", "--num-prompts", "3", "--batch-size", "2",
+                 "--steps", "4", "--prompts", str(prompts), "--clip-model", str(tmp_path / "clip"), "--save-images",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert all(0.0 <= row["clip_score"] <= 100.0 for row in data["summary"])
+    # the table's score is each saved image scored against its own prompt line
+    saved = sorted((out / "images" / "full").glob("*.png"))
+    assert [p.name for p in saved] == ["00000.png", "00001.png", "00002.png"]
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in saved])).permute(0, 3, 1, 2) / 255.0
+    scores = ClipScorer(str(tmp_path / "clip")).score(images, ["a red fox", "a blue car", "a green tree"])
+    assert data["summary"][0]["clip_score"] == pytest.approx(float(scores.mean()), abs=1e-4)
+
+
+def test_missing_clip_model_or_short_prompt_file_fails_before_writing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "--model", "tiny-sd3", "--clip-model", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert "--clip-model" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one prompt\n")
+    assert main(["bench", "--model", "tiny-sd3", "--prompts", str(prompts), "--num-prompts", "2", "--out", str(out)]) == 2
+    assert "has 1 prompts" in capsys.readouterr().err
+    assert not out.exists()

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import statistics
 import threading
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from specdiff.policies.base import ConfigError
 
 FULL = "full"
 
@@ -154,10 +157,25 @@ def load_bench_pipeline(model: str, device: str):
     return pipe, {}
 
 
-def bench_prompts(pipe, split: str, count: int):
-    """(captions, scenes or None). Scene prompts for the embedded model, else a fixed list."""
+def read_prompt_file(path: str, count: int) -> list[str]:
+    """The first `count` non-empty lines of a text file (one prompt per line)."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except OSError as error:
+        raise ConfigError(f"--prompts {path!r}: cannot read it ({error.strerror})") from None
+    prompts = [line for line in lines if line]
+    if len(prompts) < count:
+        raise ConfigError(f"--prompts {path!r} has {len(prompts)} prompts; --num-prompts asks for {count}")
+    return prompts[:count]
+
+
+def bench_prompts(pipe, split: str, count: int, prompt_file: str | None = None):
+    """(captions, scenes or None). A user's prompt file; else scene prompts for the embedded model
+    (the checker can read those back), else a fixed list."""
     from specdiff.reference.pipeline import ScenePipeline
 
+    if prompt_file is not None:
+        return read_prompt_file(prompt_file, count), None
     if isinstance(pipe, ScenePipeline):
         from specdiff.reference.scenes import held_out_prompts, training_prompts
 
@@ -215,7 +233,7 @@ def run_shard(pipe, methods, prompts, indices, seed, steps, batch_size, extra, d
     return records
 
 
-def summarise(methods, records, prompts, scenes, flops, checker=None):
+def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None):
     """Per-method medians, ratios to full compute, fidelity and quality."""
     from specdiff.evaluation.metrics import psnr, ssim
 
@@ -258,6 +276,9 @@ def summarise(methods, records, prompts, scenes, flops, checker=None):
             "psnr_mean": float(np.mean(finite)) if finite else float("inf"),
             "ssim_mean": float(np.mean(ssims)),
         }
+        if clip is not None:
+            generated = torch.from_numpy(np.stack([per_prompt[i] for i in order]))
+            row["clip_score"] = float(np.mean(clip.score(generated, [prompts[i] for i in order])))
         if real_features is not None:
             from specdiff.reference.checker import accuracy, checker_features, frechet_distance, read_images
 
@@ -274,9 +295,13 @@ def markdown_table(rows) -> str:
     has_align = "align_mean" in rows[0]
     head = "| method | s / image | wall-clock speed-up | FLOPs ratio | PSNR dB | SSIM |"
     rule = "|---|---|---|---|---|---|"
+    has_clip = "clip_score" in rows[0]
     if has_align:
         head += " alignment | Fréchet dist. |"
         rule += "---|---|"
+    if has_clip:
+        head += " CLIP score |"
+        rule += "---|"
     head += " speculation | scoring | peak MB |"
     rule += "---|---|---|"
     lines = [head, rule]
@@ -287,6 +312,8 @@ def markdown_table(rows) -> str:
         )
         if has_align:
             line += f" {100 * r['align_mean']:.1f}% | {r['frechet_distance']:.2f} |"
+        if has_clip:
+            line += f" {r['clip_score']:.2f} |"
         line += f" {100 * r['speculation_share']:.1f}% | {100 * r['scoring_share']:.1f}% | {r['peak_memory_mb_max']:.0f} |"
         lines.append(line)
     return "\n".join(lines)
@@ -301,6 +328,8 @@ def pareto_plot(rows, path: Path) -> None:
     panels = [("psnr_mean", "PSNR vs full compute (dB)")]
     if "align_mean" in rows[0]:
         panels.append(("align_mean", "prompt-alignment accuracy"))
+    if "clip_score" in rows[0]:
+        panels.append(("clip_score", "CLIP score"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     families = {}
     for r in rows:
@@ -356,6 +385,18 @@ def image_grid(methods, records, prompts: list[str], path: Path, max_rows: int =
     sheet.save(path)
 
 
+def save_images(methods, records, folder: Path) -> None:
+    from PIL import Image
+
+    for spec in methods:
+        target = folder / re.sub(r"[^A-Za-z0-9._=-]+", "_", spec.label)
+        target.mkdir(parents=True, exist_ok=True)
+        for r in (r for r in records if r["method"] == spec.label):
+            for k, i in enumerate(r["prompt_indices"]):
+                pixels = (r["images"][k].transpose(1, 2, 0).clip(0, 1) * 255).round().astype(np.uint8)
+                Image.fromarray(pixels).save(target / f"{i:05d}.png")
+
+
 def run_benchmark(args) -> list[dict]:
     import torch.distributed as dist
 
@@ -369,11 +410,16 @@ def run_benchmark(args) -> list[dict]:
     else:
         rank, world = 0, 1
     methods = [MethodSpec(FULL, None)] + [parse_method(m) for m in args.methods if m != FULL]
+    clip = None
+    if args.clip_model is not None and rank == 0:  # before any generation: a missing model fails fast
+        from specdiff.evaluation.clip_score import ClipScorer
+
+        clip = ClipScorer(args.clip_model, device)
     pipe, extra = load_bench_pipeline(args.model, str(device))
     pipe.set_progress_bar_config(disable=True)
     if args.guidance is not None:
         extra["guidance_scale"] = args.guidance
-    prompts, scenes = bench_prompts(pipe, args.split, args.num_prompts)
+    prompts, scenes = bench_prompts(pipe, args.split, args.num_prompts, args.prompts)
     shard = list(range(rank, len(prompts), world))  # every prompt exactly once over the ranks
     _generate(pipe, prompts[:1], [args.seed], 2, extra, device)  # warm-up
     records = run_shard(pipe, methods, prompts, shard, args.seed, args.steps, args.batch_size, extra, device,
@@ -392,7 +438,7 @@ def run_benchmark(args) -> list[dict]:
         from specdiff.reference.checker import load_checker
 
         checker = load_checker()
-    rows = summarise(methods, records, prompts, scenes, flops, checker)
+    rows = summarise(methods, records, prompts, scenes, flops, checker, clip)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -409,6 +455,8 @@ def run_benchmark(args) -> list[dict]:
     (out / "results.md").write_text(f"{table}\n\ngrid.png columns: {legend}\n\n{json.dumps(meta)}\n")
     pareto_plot(rows, out / "pareto.png")
     image_grid(methods, records, prompts, out / "grid.png")
+    if args.save_images:
+        save_images(methods, records, out / "images")
     print(table)
     if distributed:
         dist.destroy_process_group()
@@ -428,6 +476,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="bench-output")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts to use, one per line (e.g. COCO captions)")
+    p.add_argument("--clip-model", default=None, metavar="FOLDER_OR_ID",
+                   help="a CLIP model in a local folder or your hub cache: adds the CLIP score (never downloaded)")
+    p.add_argument("--save-images", action="store_true",
+                   help="also write every image as OUT/images/<method>/<prompt index>.png (e.g. for FID elsewhere)")
     return p
 
 
