@@ -2,8 +2,8 @@
 
 SpecDiff computes the top-scoring tokens and reuses the others' last output,
 so it works when the score ranks tokens by how far their output moves in the
-step about to run. This script runs full-compute generations of the embedded
-model while recording, at every step, each signal a method could rank tokens
+step about to run. This script runs full-compute generations of a model (the
+embedded one by default, or a local SD3 / FLUX folder) while recording, at every step, each signal a method could rank tokens
 by, and the change each token's output then makes (L2 over channels of
 F_t - F_{t-1}). It prints, per signal:
 - Spearman rank correlation with the change (mean over rows and steps), and
@@ -12,6 +12,7 @@ F_t - F_{t-1}). It prints, per signal:
   ranks highest (what a cache ratio of 0.9 computes; oracle = the best possible).
 
     python benchmarks/score_vs_change.py --num-prompts 16
+    python benchmarks/score_vs_change.py --model /path/to/sd3 --prompts captions.txt --num-prompts 64 --batch-size 4
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ import argparse
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from tqdm.auto import tqdm
 
 import specdiff
+from specdiff.evaluation.benchmark import bench_prompts, load_bench_pipeline
 from specdiff.policies.base import DENSE, normalise
 from specdiff.policies.specdiff import SpecDiffConfig
-from specdiff.reference.pipeline import load_scene_pipeline
-from specdiff.reference.scenes import held_out_prompts, training_prompts
 
 
-def record_signals(pipe, prompts: list[str], steps: int, seed: int, config: SpecDiffConfig) -> list[dict]:
+def record_signals(pipe, prompts: list[str], steps: int, seeds: list[int], config: SpecDiffConfig, extra: dict) -> list[dict]:
     """Full compute with attention taps; per step the signals and the outputs seen so far."""
     specdiff.enable(pipe, config)
     runtime = pipe.transformer._specdiff_state.runtime
@@ -39,18 +40,19 @@ def record_signals(pipe, prompts: list[str], steps: int, seed: int, config: Spec
         if signals.attention is not None and len(signals.last_outputs) >= 2:
             future = signals.future(signals.timestep)
             seen.append({
+                "branch": runtime._branch,  # FLUX true CFG: two calls per step, one state each
                 "step": signals.step,
-                "his": signals.attention.float().clone(),
-                "fut": None if future is None else future.float().clone(),
-                "last": signals.last_outputs[0].float().clone(),
-                "before": signals.last_outputs[1].float().clone(),
+                "his": signals.attention.float().cpu(),
+                "fut": None if future is None else future.float().cpu(),
+                "last": signals.last_outputs[0].float().cpu(),
+                "before": signals.last_outputs[1].float().cpu(),
             })
         return DENSE  # every token runs: the outputs are the true ones
 
     runtime.policy.plan = plan
     try:
-        generator = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-        pipe(prompt=prompts, num_inference_steps=steps, generator=generator, output_type="pt")
+        generator = [torch.Generator().manual_seed(seed) for seed in seeds]
+        pipe(prompt=prompts, num_inference_steps=steps, generator=generator, output_type="latent", **extra)
     finally:
         specdiff.disable(pipe)
     return seen
@@ -63,38 +65,23 @@ def top_share(score: torch.Tensor, change: torch.Tensor, fraction: float = 0.1) 
     return picked.sum(-1) / change.sum(-1)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--split", default="train", choices=["train", "heldout"])
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--first-step", type=int, default=4, help="skip the dense warm-up steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tap-queries", type=int, default=64)
-    p.add_argument("--tap-include-text", action="store_true", help="text queries count in attention received")
-    args = p.parse_args()
-    torch.manual_seed(args.seed)
-    pipe = load_scene_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    scenes = (training_prompts if args.split == "train" else held_out_prompts)(args.num_prompts)
-    taps = SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, reset_steps=(), tap_queries=args.tap_queries,
-                          tap_include_text=args.tap_include_text)
-    seen = record_signals(pipe, [s.caption() for s in scenes], args.steps, args.seed, taps)
-
-    # step s sees outputs up to s-1; its change F_s - F_{s-1} is read at step s+1
-    pairs = [(now, nxt) for now, nxt in zip(seen, seen[1:]) if nxt["step"] == now["step"] + 1]
-    generator = torch.Generator().manual_seed(args.seed)
-    results: dict[str, dict[str, list[float]]] = {}
-    for now, nxt in pairs:
-        if now["step"] < args.first_step:
+def accumulate(seen: list[dict], first_step: int, generator: torch.Generator, results: dict) -> None:
+    """Add one batch's per-(row, step) statistics for every signal to `results`."""
+    # step s sees outputs up to s-1; its change F_s - F_{s-1} is read at step s+1 of the same branch
+    by_key = {(entry["branch"], entry["step"]): entry for entry in seen}
+    for (branch, step), now in by_key.items():
+        nxt = by_key.get((branch, step + 1))
+        if nxt is None or step < first_step:
             continue
         change = (nxt["last"] - nxt["before"]).norm(dim=-1)
         relative = change / nxt["before"].norm(dim=-1).clamp_min(1e-6)  # the paper's "relative change"
+        has_future = now["fut"] is not None
         signals = {
-            "his (attention received, last step)": normalise(now["his"]),
-            "fut (speculative attention)": normalise(now["fut"]) if now["fut"] is not None else None,
-            "his x fut (SpecDiff)": normalise(now["his"]) * normalise(now["fut"]) if now["fut"] is not None else None,
-            "std of last output (RAS)": now["last"].std(dim=-1),
+            "his: attention received, last step": normalise(now["his"]),
+            "fut: speculative attention": normalise(now["fut"]) if has_future else None,
+            "his x fut (SpecDiff's score without starvation)":
+                normalise(now["his"]) * normalise(now["fut"]) if has_future else None,
+            "std of the last output (RAS)": now["last"].std(dim=-1),
             "last change, norm of F_t-1 - F_t-2": (now["last"] - now["before"]).norm(dim=-1),
             "random": torch.rand(change.shape, generator=generator),
             "oracle: the change itself": change,
@@ -108,10 +95,39 @@ def main() -> None:
                 entry["rho_relative"].append(spearmanr(score[row].numpy(), relative[row].numpy()).statistic)
             entry["top"].extend(top_share(score, change).tolist())
 
-    print(f"{args.num_prompts} {args.split} prompts, {args.steps} steps, steps >= {args.first_step}, "
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded", help="embedded (default), tiny-sd3, tiny-flux, or a local folder")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one per line (default: scene prompts)")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--split", default="train", choices=["train", "heldout"], help="embedded model's prompt set")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--first-step", type=int, default=4, help="skip the dense warm-up steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tap-queries", type=int, default=64)
+    p.add_argument("--tap-include-text", action="store_true", help="text queries count in attention received")
+    args = p.parse_args()
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, extra = load_bench_pipeline(args.model, device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, _ = bench_prompts(pipe, args.split, args.num_prompts, args.prompts)
+    taps = SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, reset_steps=(), tap_queries=args.tap_queries,
+                          tap_include_text=args.tap_include_text)
+    generator = torch.Generator().manual_seed(args.seed)
+    results: dict[str, dict[str, list[float]]] = {}
+    for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches"):
+        batch = prompts[start : start + args.batch_size]
+        seeds = [args.seed + start + i for i in range(len(batch))]
+        accumulate(record_signals(pipe, batch, args.steps, seeds, taps, extra), args.first_step, generator, results)
+
+    source = args.prompts or f"{args.split} prompts"
+    print(f"{args.model}, {len(prompts)} prompts ({source}), {args.steps} steps, steps >= {args.first_step}, "
           f"taps: {args.tap_queries} image queries{' + text queries' if args.tap_include_text else ''}, "
           f"{len(next(iter(results.values()))['top'])} (row, step) pairs\n")
-    print("| signal | Spearman rho with the change | rho with the relative change | change held by its top 10 % |")
+    print("| signal | Spearman rho with the change | rho with the relative change | share of the change in its top 10 % |")
     print("|---|---|---|---|")
     for name, entry in results.items():
         print(f"| {name} | {np.nanmean(entry['rho']):.3f} | {np.nanmean(entry['rho_relative']):.3f} | "

@@ -122,7 +122,8 @@ def summary(obj) -> GenerationSummary | None:
     if state is None:
         raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
     runtime = state.runtime
-    return runtime.summary if runtime.summary is not None and runtime.auto_num_steps else runtime.last_summary
+    current = runtime.summary if runtime.summary is not None and runtime.auto_num_steps else runtime.last_summary
+    return current.resolve() if current is not None else None
 
 
 # -- the pipeline side ---------------------------------------------------------

@@ -258,3 +258,21 @@ def test_attention_taps_equal_the_attention_the_model_computes(monkeypatch):
     finally:
         specdiff.disable(transformer)
     torch.testing.assert_close(taps, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_summary_splits_every_cached_token_into_reused_or_approximated(sd3):
+    specdiff.enable(sd3, specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=1, reset_steps=(), reuse_mass=0.3))
+    try:
+        generate(sd3, guidance_scale=5.0)
+        summary = specdiff.summary(sd3)
+    finally:
+        specdiff.disable(sd3)
+    sparse = [r for r in summary.real_steps() if r.kind == "sparse"]
+    assert len(sparse) == STEPS - 1
+    for r in sparse:
+        assert r.computed == r.tokens // 4
+        assert r.reused + r.approximated == pytest.approx(r.tokens - r.computed)
+    # from the fourth step on, three outputs exist: the lowest tokens are reused, the others approximated
+    later = [r for r in sparse if r.step >= 3]
+    assert later and all(0 < r.reused < r.tokens - r.computed for r in later)
+    assert "C2" in str(summary)

@@ -42,6 +42,18 @@ class GenerationSummary:
     records: list[StepRecord] = dataclasses.field(default_factory=list)
     speculation_seconds: float = 0.0
     total_seconds: float = 0.0
+    # C2 counts still on the device, read in one go by resolve(): no host sync per step
+    pending_reused: list[tuple[StepRecord, torch.Tensor]] = dataclasses.field(default_factory=list, repr=False)
+
+    def resolve(self) -> GenerationSummary:
+        """Fill the C2 / C3 counts of sparse steps from the device (one transfer)."""
+        if self.pending_reused:
+            counts = torch.stack([c for _, c in self.pending_reused]).tolist()
+            for (record, _), reused in zip(self.pending_reused, counts):
+                record.reused = reused
+                record.approximated = float(record.tokens - record.computed) - reused
+            self.pending_reused = []
+        return self
 
     @property
     def scoring_seconds(self) -> float:
@@ -130,7 +142,7 @@ class Runtime:
     def finish_generation(self) -> None:
         if self.summary is not None:
             self.summary.total_seconds = time.perf_counter() - self._started
-            self.last_summary = self.summary
+            self.last_summary = self.summary.resolve()
         self.abort()
 
     def abort(self) -> None:
@@ -257,16 +269,18 @@ class Runtime:
                 c2, c3 = float(n_tokens - c1), 0.0
             else:
                 computed_mask = torch.zeros_like(plan.reuse).scatter(1, plan.compute, True)
-                c2 = (plan.reuse & ~computed_mask).sum(1).float().mean().item()
-                c3 = float(n_tokens - c1) - c2
-        self.summary.records.append(
-            StepRecord(
-                phase=self.phase, branch=self._branch, step=branch.step, timestep=self._step_timestep,
-                kind="dense" if plan.compute is None else "sparse", computed=c1, reused=c2, approximated=c3,
-                tokens=n_tokens, scoring_seconds=self._scoring + time.perf_counter() - tic,
-                blocks_computed=branch.policy_state.pop("blocks_computed", None),
-            )
+                c2 = (plan.reuse & ~computed_mask).sum(1).float().mean()  # read later, by resolve()
+                c3 = float("nan")
+        record = StepRecord(
+            phase=self.phase, branch=self._branch, step=branch.step, timestep=self._step_timestep,
+            kind="dense" if plan.compute is None else "sparse", computed=c1,
+            reused=c2 if isinstance(c2, float) else float("nan"), approximated=c3,
+            tokens=n_tokens, scoring_seconds=self._scoring + time.perf_counter() - tic,
+            blocks_computed=branch.policy_state.pop("blocks_computed", None),
         )
+        self.summary.records.append(record)
+        if isinstance(c2, torch.Tensor):
+            self.summary.pending_reused.append((record, c2))
         branch.step += 1
         ctx.active = None
         ctx.tap_sum = None
