@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--speculative-steps", type=int, dest="speculative_steps")
     gen.add_argument("--starvation-scale", type=float, dest="starvation_scale")
     gen.add_argument("--speculative-cfg", choices=["on", "off"], dest="speculative_cfg",
-                     help="specdiff: run the speculative pass with CFG (on, default) or conditional rows only (off)")
+                     help="specdiff: run the speculative pass with CFG (on) or on the conditional rows only (off, default)")
     gen.add_argument("--reuse-mass", type=float, dest="reuse_mass")
     gen.add_argument("--tap-queries", type=int, dest="tap_queries")
     gen.add_argument("--interval", type=int, help="fora / taylorseer: steps between full steps")

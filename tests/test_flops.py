@@ -46,7 +46,8 @@ def test_flops_follow_the_schedule_and_summary_shows_the_levels():
     assert len(full) == STEPS and len(set(full)) == 1
     dense = full[0]
 
-    config = specdiff.SpecDiffConfig(cache_ratio=0.9, warmup_steps=2, reset_steps=(6,))
+    # speculation with its CFG rows: every dense call, speculative ones too, has the full batch
+    config = specdiff.SpecDiffConfig(cache_ratio=0.9, warmup_steps=2, reset_steps=(6,), speculative_cfg=True)
     specdiff.enable(pipe, config)
     try:
         calls = per_call_flops(pipe, **kwargs)

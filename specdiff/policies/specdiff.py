@@ -47,13 +47,13 @@ class SpecDiffConfig(DenseScheduleConfig):
     tap_include_text: whether text-token queries also count (MMDiT joint attention).
     share_cfg_selection: CFG rows of one prompt use one token selection.
     speculative_cfg: run the speculative pass with the pipeline's classifier-free
-      guidance (True, the paper's "same input") or on the conditional rows only
-      (False: about half its cost; the maps are shared by both CFG halves).
+      guidance (True, the paper's "same input" read literally) or on the conditional
+      rows only (False, the default: about half its cost; both CFG halves share the maps).
     """
 
     method = "specdiff"
 
-    reset_steps: tuple[int, ...] = (14,)  # chosen by the sweep in BENCHMARKS.md (+2.1 dB PSNR, -2% speed)
+    reset_steps: tuple[int, ...] = (12, 22)  # chosen by the sweeps in BENCHMARKS.md section 3
     cache_ratio: float = 0.9
     speculative_steps: int = 2
     starvation_scale: float = 1.0
@@ -61,7 +61,7 @@ class SpecDiffConfig(DenseScheduleConfig):
     tap_queries: int = 64
     tap_include_text: bool = False
     share_cfg_selection: bool = True
-    speculative_cfg: bool = True
+    speculative_cfg: bool = False  # half the speculation's cost for -0.3 dB (BENCHMARKS.md section 3)
 
     def validate(self) -> None:
         super().validate()
