@@ -135,6 +135,8 @@ def test_prompt_file_clip_score_and_saved_images(tmp_path):
                  "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     assert all(0.0 <= row["clip_score"] <= 100.0 for row in data["summary"])
+    full, fora = data["summary"]
+    assert abs(full["clip_fd_to_full"]) < 1e-6 < fora["clip_fd_to_full"]  # full compute against itself: zero
     # the table's score is each saved image scored against its own prompt line
     saved = sorted((out / "images" / "full").glob("*.png"))
     assert [p.name for p in saved] == ["00000.png", "00001.png", "00002.png"]

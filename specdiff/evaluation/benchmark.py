@@ -277,10 +277,16 @@ def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None)
             "ssim_mean": float(np.mean(ssims)),
         }
         if clip is not None:
+            from specdiff.evaluation.metrics import frechet_distance
+
             generated = torch.from_numpy(np.stack([per_prompt[i] for i in order]))
             row["clip_score"] = float(np.mean(clip.score(generated, [prompts[i] for i in order])))
+            if len(order) >= 2:  # a covariance needs two images; thousands make the number stable
+                reference = torch.from_numpy(np.stack([full_images[i] for i in order]))
+                row["clip_fd_to_full"] = frechet_distance(clip.features(generated), clip.features(reference))
         if real_features is not None:
-            from specdiff.reference.checker import accuracy, checker_features, frechet_distance, read_images
+            from specdiff.evaluation.metrics import frechet_distance
+            from specdiff.reference.checker import accuracy, checker_features, read_images
 
             generated = torch.from_numpy(np.stack([per_prompt[i] for i in order]))
             asked = [scenes[i] for i in order]
@@ -300,8 +306,8 @@ def markdown_table(rows) -> str:
         head += " alignment | Fréchet dist. |"
         rule += "---|---|"
     if has_clip:
-        head += " CLIP score |"
-        rule += "---|"
+        head += " CLIP score | CLIP FD to full |"
+        rule += "---|---|"
     head += " speculation | scoring | peak MB |"
     rule += "---|---|---|"
     lines = [head, rule]
@@ -313,7 +319,7 @@ def markdown_table(rows) -> str:
         if has_align:
             line += f" {100 * r['align_mean']:.1f}% | {r['frechet_distance']:.2f} |"
         if has_clip:
-            line += f" {r['clip_score']:.2f} |"
+            line += f" {r['clip_score']:.2f} | {r.get('clip_fd_to_full', float('nan')):.3f} |"
         line += f" {100 * r['speculation_share']:.1f}% | {100 * r['scoring_share']:.1f}% | {r['peak_memory_mb_max']:.0f} |"
         lines.append(line)
     return "\n".join(lines)

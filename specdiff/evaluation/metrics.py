@@ -1,4 +1,5 @@
-"""Fidelity of an accelerated image to the full-compute one (scikit-image's PSNR and SSIM)."""
+"""Fidelity of an accelerated image to the full-compute one (scikit-image's PSNR and SSIM), and the
+Fréchet distance between two feature sets (scipy)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,14 @@ def ssim(reference, image) -> float:
     window = min(7, *ref.shape[:2])
     window = window if window % 2 else window - 1  # skimage needs an odd window that fits
     return float(structural_similarity(ref, img, data_range=1.0, channel_axis=-1, win_size=window))
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two (n, d) feature sets (as FID does)."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from specdiff.evaluation.metrics import frechet_distance
 from specdiff.reference.scenes import COLOURS, POSITIONS, SHAPES, SIZE_NAMES, Scene, SceneObject, render, sample_scene
 
 CHECKER_DIR = Path(__file__).parent / "checker_weights"
@@ -208,17 +209,6 @@ def load_checker(folder: Path = CHECKER_DIR) -> SceneChecker:
     model = SceneChecker()
     model.load_state_dict(load_file(folder / "checker.safetensors"))
     return model.eval()
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (as FID does)."""
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 
 
 def frechet_floor(model: SceneChecker, count: int = 64) -> float:
