@@ -342,9 +342,13 @@ def pareto_plot(rows, path: Path) -> None:
         families.setdefault(r["method"].split(":")[0], []).append(r)
     for ax, (key, label) in zip(axes[0], panels):
         for family, members in families.items():
-            members = sorted(members, key=lambda r: r["speedup_wallclock_median"])
-            ys = [r[key] if np.isfinite(r[key]) else np.nan for r in members]
-            ax.plot([r["speedup_wallclock_median"] for r in members], ys, marker="o", label=family)
+            points = sorted((r["speedup_wallclock_median"], r[key]) for r in members if np.isfinite(r[key]))
+            if not points:
+                continue
+            # every setting as a marker; the line joins the family's best trade-offs (its Pareto front)
+            front = [p for p in points if not any(q[0] >= p[0] and q[1] > p[1] for q in points if q != p)]
+            line, = ax.plot([x for x, _ in front], [y for _, y in front], marker="o", label=family)
+            ax.scatter([x for x, _ in points], [y for _, y in points], color=line.get_color(), s=18)
         ax.set_xlabel("wall-clock speed-up over full compute")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
