@@ -288,3 +288,20 @@ def test_summary_splits_every_cached_token_into_reused_or_approximated(sd3):
     later = [r for r in sparse if r.step >= 3]
     assert later and all(0 < r.reused < r.tokens - r.computed for r in later)
     assert "C2" in str(summary)
+
+
+def test_taps_run_only_where_a_plan_reads_them(sd3):
+    config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(5,))
+    specdiff.enable(sd3, config)
+    try:
+        generate(sd3, guidance_scale=5.0)
+        summary = specdiff.summary(sd3)
+    finally:
+        specdiff.disable(sd3)
+    speculative = [r for r in summary.records if r.phase == "speculative"]
+    assert speculative and all(r.tapped for r in speculative)  # the future maps
+    real = summary.real_steps()
+    # step s is tapped iff step s + 1 is sparse: not before the dense steps 1 and 5, not at the end
+    assert [r.tapped for r in real] == [config.is_dense(r.step + 1) is False and r.step + 1 < STEPS for r in real]
+    assert [r.tapped for r in real] == [False, True, True, True, False, True, True, False]
+    assert summary.scoring_seconds > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import torch
 
@@ -31,6 +32,7 @@ class AttentionContext:
     tap_queries: int = 0  # 0 = no taps this step
     tap_include_text: bool = False
     tap_sum: torch.Tensor | None = None  # (B, N) attention received, summed over layers
+    tap_seconds: float = 0.0  # host time spent in taps this step (counted as scoring)
 
 
 def merge_image_kv(
@@ -75,17 +77,23 @@ def tap_attention(
     """
     if ctx.tap_queries <= 0:
         return
+    tic = time.perf_counter()
     n = image_queries.shape[2]
     m = min(ctx.tap_queries, n)
-    offset = (layer_index * 7919) % max(n // m, 1)
-    picks = (torch.arange(m, device=image_queries.device) * (n // m) + offset) % n
-    queries = image_queries[:, :, picks]
+    if m == n:
+        queries = image_queries  # every query (e.g. a sparse step's few active tokens): no copy
+    else:
+        offset = (layer_index * 7919) % max(n // m, 1)
+        picks = (torch.arange(m, device=image_queries.device) * (n // m) + offset) % n
+        queries = image_queries[:, :, picks]
     if ctx.tap_include_text and text_queries is not None:
         queries = torch.cat([queries, text_queries], dim=2)
     scale = scale if scale is not None else 1.0 / math.sqrt(queries.shape[-1])
-    weights = torch.softmax((queries.float() @ keys.float().transpose(-1, -2)) * scale, dim=-1)
-    received = weights.mean(dim=1).sum(dim=1)[:, image_key_slice]  # heads averaged, queries summed
+    weights = torch.softmax((queries.float() * scale) @ keys.float().transpose(-1, -2), dim=-1)
+    heads = weights.shape[1]
+    received = weights.sum(dim=(1, 2))[:, image_key_slice] / heads  # heads averaged, queries summed
     if ctx.tap_sum is None:
         ctx.tap_sum = received
     else:
         ctx.tap_sum = ctx.tap_sum + received
+    ctx.tap_seconds += time.perf_counter() - tic

@@ -31,8 +31,9 @@ class StepRecord:
     reused: float  # C2 tokens, mean over rows
     approximated: float  # C3 tokens, mean over rows
     tokens: int
-    scoring_seconds: float
+    scoring_seconds: float  # host time of taps, selection and bookkeeping
     blocks_computed: float | None = None  # block-level policies: share of blocks run this step
+    tapped: bool = False  # attention taps measured in this step
 
 
 @dataclasses.dataclass
@@ -57,7 +58,8 @@ class GenerationSummary:
 
     @property
     def scoring_seconds(self) -> float:
-        return sum(r.scoring_seconds for r in self.records)
+        """Taps, selection and bookkeeping of the real run (the speculative pass counts as speculation)."""
+        return sum(r.scoring_seconds for r in self.records if r.phase == "real")
 
     def real_steps(self) -> list[StepRecord]:
         return [r for r in self.records if r.phase == "real"]
@@ -74,12 +76,13 @@ class GenerationSummary:
         lines = [f"method: {self.method}   config: {self.config}"]
         lines.append(
             f"{'phase':<12}{'branch':>6}{'step':>5}{'timestep':>10}{'kind':>8}{'C1':>7}{'C2':>8}{'C3':>8}{'blocks run':>12}"
+            f"{'taps':>6}"
         )
         for r in self.records:
             blocks = "all" if r.blocks_computed is None else f"{100 * r.blocks_computed:.0f}%"
             lines.append(
                 f"{r.phase:<12}{r.branch:>6}{r.step:>5}{r.timestep:>10.1f}{r.kind:>8}"
-                f"{r.computed:>7}{r.reused:>8.1f}{r.approximated:>8.1f}{blocks:>12}"
+                f"{r.computed:>7}{r.reused:>8.1f}{r.approximated:>8.1f}{blocks:>12}{'yes' if r.tapped else '-':>6}"
             )
         lines.append(
             f"total {self.total_seconds:.3f} s; speculation {self.speculation_seconds:.3f} s "
@@ -230,7 +233,8 @@ class Runtime:
         ctx.num_image_tokens = num_tokens
         ctx.kv = branch.kv
         ctx.tap_sum = None
-        taps = self.policy.uses_attention or self.phase == "speculative"
+        ctx.tap_seconds = 0.0
+        taps = self.phase == "speculative" or self.policy.needs_attention_after(branch.step, self.num_steps)
         ctx.tap_queries = getattr(self.policy.config, "tap_queries", 64) if taps else 0
         ctx.tap_include_text = getattr(self.policy.config, "tap_include_text", False)
         self._scoring = time.perf_counter() - tic
@@ -255,10 +259,10 @@ class Runtime:
         had_three = len(branch.history) >= HISTORY_LENGTH
         output = branch.history.assemble(computed, plan.compute, plan.reuse, self._step_timestep)
         branch.history.record(output, plan.compute, self._step_timestep)
-        if ctx.tap_sum is not None:
-            if self.phase == "speculative":
-                branch.future.append((self._step_timestep, ctx.tap_sum))
-            branch.attention = ctx.tap_sum
+        tapped = ctx.tap_sum is not None
+        if tapped and self.phase == "speculative":
+            branch.future.append((self._step_timestep, ctx.tap_sum))
+        branch.attention = ctx.tap_sum  # None when this step's taps were not needed
         n_tokens = output.shape[1]
         if plan.compute is None:
             c1, c2, c3 = n_tokens, 0.0, 0.0
@@ -275,8 +279,8 @@ class Runtime:
             phase=self.phase, branch=self._branch, step=branch.step, timestep=self._step_timestep,
             kind="dense" if plan.compute is None else "sparse", computed=c1,
             reused=c2 if isinstance(c2, float) else float("nan"), approximated=c3,
-            tokens=n_tokens, scoring_seconds=self._scoring + time.perf_counter() - tic,
-            blocks_computed=branch.policy_state.pop("blocks_computed", None),
+            tokens=n_tokens, scoring_seconds=self._scoring + ctx.tap_seconds + time.perf_counter() - tic,
+            blocks_computed=branch.policy_state.pop("blocks_computed", None), tapped=tapped,
         )
         self.summary.records.append(record)
         if isinstance(c2, torch.Tensor):

@@ -125,6 +125,10 @@ class Policy:
     def uses_attention(self) -> bool:
         return False
 
+    def needs_attention_after(self, step: int, num_steps: int) -> bool:
+        """Whether step `step`'s attention taps will be read (by the plan of step + 1)."""
+        return self.uses_attention
+
     block_level = False  # True: run_block decides per transformer block
 
     def plan(self, signals: StepSignals) -> StepPlan:

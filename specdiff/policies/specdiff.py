@@ -87,6 +87,10 @@ class SpecDiffPolicy(Policy):
     def uses_attention(self) -> bool:
         return True
 
+    def needs_attention_after(self, step: int, num_steps: int) -> bool:
+        # only a sparse step reads the previous step's taps: skip them before dense steps and at the end
+        return step + 1 < num_steps and not self.config.is_dense(step + 1)
+
     def importance(self, signals: StepSignals) -> torch.Tensor:
         """his * fut, each normalised to mean 1 per row."""
         score = normalise(signals.attention.float())
