@@ -104,6 +104,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--split", default="train", choices=["train", "heldout"], help="embedded model's prompt set")
     p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--first-step", type=int, default=4, help="skip the dense warm-up steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -112,6 +114,7 @@ def main() -> None:
     args = p.parse_args()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     pipe, extra = load_bench_pipeline(args.model, device)
+    extra.update({side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None})
     pipe.set_progress_bar_config(disable=True)
     prompts, _ = bench_prompts(pipe, args.split, args.num_prompts, args.prompts)
     taps = SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, reset_steps=(), tap_queries=args.tap_queries,

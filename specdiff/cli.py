@@ -188,15 +188,19 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from specdiff.evaluation.benchmark import run_benchmark
+    from specdiff.evaluation.clip_score import QualityModelMissing
     from specdiff.policies.base import ConfigError
 
     args.argv = sys.argv[2:]
-    from specdiff.evaluation.clip_score import QualityModelMissing
-
+    for side in ("height", "width"):
+        if getattr(args, side) is not None and getattr(args, side) < 1:
+            raise CLIError(f"--{side} must be a positive number of pixels, got {getattr(args, side)}")
     try:
         run_benchmark(args)
     except (ConfigError, QualityModelMissing) as error:
         raise CLIError(str(error)) from None
+    except ValueError as error:  # the pipeline refusing a size or a setting, before any output is written
+        raise CLIError(f"the pipeline refused the settings: {error}") from None
     return 0
 
 
