@@ -201,38 +201,30 @@ def test_half_precision_follows_the_pipeline(build):
     assert torch.isfinite(fast).all()
 
 
+def generate_with(pipe, config, **extra):
+    """(images, summary) of one accelerated generation; the pipeline is restored afterwards."""
+    specdiff.enable(pipe, config)
+    try:
+        return generate(pipe, **extra), specdiff.summary(pipe)
+    finally:
+        specdiff.disable(pipe)
+
+
 @pytest.mark.parametrize("case", ["sd3-cfg", "flux-true-cfg"])
 def test_speculation_with_or_without_cfg_rows_is_exact_at_ratio_zero(case):
     build, extra = CASES[case]
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
     plain = generate(pipe, **extra)
-    specdiff.enable(pipe, specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, speculative_cfg=False))
-    try:
-        exact = generate(pipe, **extra)
-        summary = specdiff.summary(pipe)
-    finally:
-        specdiff.disable(pipe)
-    torch.testing.assert_close(exact, plain, rtol=1e-5, atol=1e-5)
-    speculative = [r for r in summary.records if r.phase == "speculative"]
-    assert len(speculative) == 2 and {r.branch for r in speculative} == {0}  # one row set, no CFG branch
-    specdiff.enable(pipe, specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, speculative_cfg=True))
-    try:
-        with_cfg = generate(pipe, **extra)
-        summary = specdiff.summary(pipe)
-    finally:
-        specdiff.disable(pipe)
-    torch.testing.assert_close(with_cfg, plain, rtol=1e-5, atol=1e-5)
-    speculative = [r for r in summary.records if r.phase == "speculative"]
-    if case == "flux-true-cfg":  # FLUX true CFG: a second transformer call per speculative step
-        assert len(speculative) == 4 and {r.branch for r in speculative} == {0, 1}
-    else:  # SD3: the CFG rows ride in the same batch, one call per speculative step
-        assert len(speculative) == 2
-    specdiff.enable(pipe, specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, speculative_cfg=False))
-    try:
-        fast = generate(pipe, **extra)
-    finally:
-        specdiff.disable(pipe)
+    for with_cfg in (False, True):
+        config = specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, speculative_cfg=with_cfg)
+        exact, summary = generate_with(pipe, config, **extra)
+        torch.testing.assert_close(exact, plain, rtol=1e-5, atol=1e-5)
+        speculative = [r for r in summary.records if r.phase == "speculative"]
+        # FLUX true CFG makes a second transformer call per step; SD3's CFG rows ride in the same call
+        branches = {0, 1} if with_cfg and case == "flux-true-cfg" else {0}
+        assert len(speculative) == 2 * len(branches) and {r.branch for r in speculative} == branches
+    fast, _ = generate_with(pipe, specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2), **extra)
     assert torch.isfinite(fast).all()
 
 
@@ -273,12 +265,8 @@ def test_attention_taps_equal_the_attention_the_model_computes(monkeypatch):
 
 
 def test_summary_splits_every_cached_token_into_reused_or_approximated(sd3):
-    specdiff.enable(sd3, specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=1, reset_steps=(), reuse_mass=0.3))
-    try:
-        generate(sd3, guidance_scale=5.0)
-        summary = specdiff.summary(sd3)
-    finally:
-        specdiff.disable(sd3)
+    config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=1, reset_steps=(), reuse_mass=0.3)
+    _, summary = generate_with(sd3, config, guidance_scale=5.0)
     sparse = [r for r in summary.real_steps() if r.kind == "sparse"]
     assert len(sparse) == STEPS - 1
     for r in sparse:
@@ -292,12 +280,7 @@ def test_summary_splits_every_cached_token_into_reused_or_approximated(sd3):
 
 def test_taps_run_only_where_a_plan_reads_them(sd3):
     config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(5,))
-    specdiff.enable(sd3, config)
-    try:
-        generate(sd3, guidance_scale=5.0)
-        summary = specdiff.summary(sd3)
-    finally:
-        specdiff.disable(sd3)
+    _, summary = generate_with(sd3, config, guidance_scale=5.0)
     speculative = [r for r in summary.records if r.phase == "speculative"]
     assert speculative and all(r.tapped for r in speculative)  # the future maps
     real = summary.real_steps()
