@@ -3,9 +3,10 @@
 SpecDiff computes the top-scoring tokens and reuses the others' last output,
 so it works when the score ranks tokens by how far their output moves in the
 step about to run. This script runs full-compute generations of a model (the
-embedded one by default, or a local SD3 / FLUX folder) while recording, at every step, each signal a method could rank tokens
-by, and the change each token's output then makes (L2 over channels of
-F_t - F_{t-1}). It prints, per signal:
+embedded one by default, or a local SD3 / FLUX folder) while recording, at
+every step, each signal a method could rank tokens by, and the change each
+token's output then makes (L2 over channels of F_t - F_{t-1}). It prints,
+per signal:
 - Spearman rank correlation with the change (mean over rows and steps), and
   with the relative change |F_t - F_{t-1}| / |F_{t-1}| (the paper's wording);
 - the share of the step's total change held by the 10 % of tokens the signal
@@ -49,7 +50,7 @@ def record_signals(pipe, prompts: list[str], steps: int, seeds: list[int], confi
             })
         return DENSE  # every token runs: the outputs are the true ones
 
-    runtime.policy.plan = plan
+    runtime.policy.plan = plan  # a probe, not a method: it reads the engine's signals and computes everything
     try:
         generator = [torch.Generator().manual_seed(seed) for seed in seeds]
         pipe(prompt=prompts, num_inference_steps=steps, generator=generator, output_type="latent", **extra)

@@ -2,8 +2,9 @@
 
 CLIP score = 100 * max(cos(image embedding, text embedding), 0), the usual
 definition (Hessel et al., 2021). Its image embeddings also give a Fréchet
-distance between two image sets (FID's formula in CLIP's feature space). The model is loaded with transformers from
-a local folder or the user's own hub cache, never downloaded.
+distance between two image sets (FID's formula in CLIP's feature space).
+The model is loaded with transformers from a local folder or the user's own
+hub cache, never downloaded.
 """
 
 from __future__ import annotations
