@@ -44,6 +44,8 @@ def test_bad_method_spec_is_a_clear_error(tmp_path, capsys):
     assert "cache_ratio must be in" in capsys.readouterr().err
     assert main(["bench", "--model", "tiny-sd3", "--methods", "full:steps=0", "--out", str(tmp_path)]) == 2
     assert "steps=N" in capsys.readouterr().err
+    assert main(["bench", "--model", "tiny-sd3", "--methods", "specdiff:reset_steps=(12,22)", "--out", str(tmp_path)]) == 2
+    assert "reset_steps=12/22" in capsys.readouterr().err
 
 
 def test_two_processes_give_the_same_numbers_as_one(tmp_path):

@@ -78,7 +78,10 @@ def parse_method(text: str) -> MethodSpec:
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
-            raise specdiff.ConfigError(f"method option {item!r} must look like key=value")
+            raise specdiff.ConfigError(
+                f"method option {item!r} must look like key=value (commas separate options; "
+                f"step lists use slashes, e.g. reset_steps=12/22)"
+            )
         fields[key.strip()] = _parse_value(value.strip())
     if name in PEERS:
         return MethodSpec(text, None, peer=(name, fields))
