@@ -188,7 +188,7 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from specdiff.evaluation.benchmark import run_benchmark
-    from specdiff.evaluation.clip_score import QualityModelMissing
+    from specdiff.evaluation.metrics import QualityModelMissing
     from specdiff.policies.base import ConfigError
 
     args.argv = sys.argv[2:]

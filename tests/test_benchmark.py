@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from specdiff.cli import main
 
@@ -171,3 +172,45 @@ def test_other_sizes_skip_the_checker_and_bad_sizes_are_refused(tmp_path, capsys
     assert "height and width must be positive multiples of 2" in capsys.readouterr().err
     assert main(["bench", "--methods", "full", "--height", "0", "--out", str(bad)]) == 2
     assert not bad.exists()
+
+
+class StandInInception(torch.nn.Module):
+    """Same call as the TorchScript inception-2015-12-05.pt (uint8 in, features out); not the real network."""
+
+    def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(images.float() / 255.0, 4).flatten(1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # 3 images: the covariances are singular
+def test_fid_against_real_images_or_full_compute(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    network = tmp_path / "inception.pt"
+    torch.jit.script(StandInInception()).save(str(network))
+    common = ["--model", "tiny-sd3", "--methods", "full", "fora", "--num-prompts", "3", "--batch-size", "3",
+              "--steps", "4"]
+    assert main(["bench", *common, "--save-images", "--out", str(tmp_path / "first")]) == 0
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(noise / f"{i}.png")
+
+    def fid_rows(*extra):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        assert main(["bench", *common, "--fid-inception", str(network), *extra, "--out", str(out)]) == 0
+        return json.loads((out / "results.json").read_text())["summary"]
+
+    against_full = fid_rows()
+    assert abs(against_full[0]["fid"]) < 1e-6  # full compute against itself
+    same_images = fid_rows("--fid-reference", str(tmp_path / "first" / "images" / "full"))
+    assert abs(same_images[0]["fid"]) < 1e-6  # the same images, read back from PNG
+    against_noise = fid_rows("--fid-reference", str(noise))
+    assert against_noise[0]["fid"] > 1.0
+    assert main(["bench", *common, "--fid-reference", str(noise), "--out", str(tmp_path / "bad")]) == 2
+    assert "--fid-reference needs --fid-inception" in capsys.readouterr().err
+    assert main(["bench", *common, "--fid-inception", str(tmp_path / "none.pt"), "--out", str(tmp_path / "bad")]) == 2
+    assert "never downloads" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -236,7 +236,7 @@ def run_shard(pipe, methods, prompts, indices, seed, steps, batch_size, extra, d
     return records
 
 
-def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None):
+def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None, fid=None):
     """Per-method medians, ratios to full compute, fidelity and quality."""
     from specdiff.evaluation.metrics import psnr, ssim
 
@@ -279,6 +279,14 @@ def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None)
             "psnr_mean": float(np.mean(finite)) if finite else float("inf"),
             "ssim_mean": float(np.mean(ssims)),
         }
+        if fid is not None and len(order) >= 2:
+            from specdiff.evaluation.metrics import frechet_distance
+
+            extractor, reference = fid
+            generated = torch.from_numpy(np.stack([per_prompt[i] for i in order]))
+            if reference is None:  # no real images given: against full compute's images
+                reference = extractor.features(torch.from_numpy(np.stack([full_images[i] for i in order])))
+            row["fid"] = frechet_distance(extractor.features(generated), reference)
         if clip is not None:
             from specdiff.evaluation.metrics import frechet_distance
 
@@ -305,12 +313,16 @@ def markdown_table(rows) -> str:
     head = "| method | s / image | wall-clock speed-up | FLOPs ratio | PSNR dB | SSIM |"
     rule = "|---|---|---|---|---|---|"
     has_clip = "clip_score" in rows[0]
+    has_fid = "fid" in rows[0]
     if has_align:
         head += " alignment | Fréchet dist. |"
         rule += "---|---|"
     if has_clip:
         head += " CLIP score | CLIP FD to full |"
         rule += "---|---|"
+    if has_fid:
+        head += " FID |"
+        rule += "---|"
     head += " speculation | scoring | peak MB |"
     rule += "---|---|---|"
     lines = [head, rule]
@@ -323,6 +335,8 @@ def markdown_table(rows) -> str:
             line += f" {100 * r['align_mean']:.1f}% | {r['frechet_distance']:.2f} |"
         if has_clip:
             line += f" {r['clip_score']:.2f} | {r.get('clip_fd_to_full', float('nan')):.3f} |"
+        if has_fid:
+            line += f" {r['fid']:.2f} |"
         line += f" {100 * r['speculation_share']:.1f}% | {100 * r['scoring_share']:.1f}% | {r['peak_memory_mb_max']:.0f} |"
         lines.append(line)
     return "\n".join(lines)
@@ -435,6 +449,14 @@ def run_benchmark(args) -> list[dict]:
         from specdiff.evaluation.clip_score import ClipScorer
 
         clip = ClipScorer(args.clip_model, device)
+    if args.fid_reference is not None and args.fid_inception is None:
+        raise ConfigError("--fid-reference needs --fid-inception (the network that reads the images)")
+    fid = None
+    if args.fid_inception is not None and rank == 0:
+        from specdiff.evaluation.fid import InceptionFeatures, folder_features
+
+        extractor = InceptionFeatures(args.fid_inception, device)
+        fid = (extractor, folder_features(extractor, args.fid_reference) if args.fid_reference else None)
     pipe, extra = load_bench_pipeline(args.model, str(device))
     pipe.set_progress_bar_config(disable=True)
     if args.guidance is not None:
@@ -464,7 +486,7 @@ def run_benchmark(args) -> list[dict]:
         from specdiff.reference.checker import load_checker
 
         checker = load_checker()
-    rows = summarise(methods, records, prompts, scenes, flops, checker, clip)
+    rows = summarise(methods, records, prompts, scenes, flops, checker, clip, fid)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -472,6 +494,7 @@ def run_benchmark(args) -> list[dict]:
         "split": args.split, "prompts": len(prompts), "seed": args.seed, "processes": world,
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "height": extra.get("height"), "width": extra.get("width"),
+        "fid_reference": (args.fid_reference or "full-compute images") if args.fid_inception else None,
     }
     per_prompt = [
         {k: v for k, v in r.items() if k != "images"} for r in records
@@ -508,6 +531,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--prompts", default=None, metavar="FILE", help="prompts to use, one per line (e.g. COCO captions)")
     p.add_argument("--clip-model", default=None, metavar="FOLDER_OR_ID",
                    help="a CLIP model in a local folder or your hub cache: adds the CLIP score (never downloaded)")
+    p.add_argument("--fid-inception", default=None, metavar="FILE",
+                   help="a local TorchScript Inception (inception-2015-12-05.pt of StyleGAN2-ADA / clean-fid): adds FID")
+    p.add_argument("--fid-reference", default=None, metavar="FOLDER",
+                   help="real images for FID (default: the full-compute images of the same prompts)")
     p.add_argument("--save-images", action="store_true",
                    help="also write every image as OUT/images/<method>/<prompt index>.png (e.g. for FID elsewhere)")
     return p

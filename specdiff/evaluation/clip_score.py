@@ -12,9 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-class QualityModelMissing(RuntimeError):
-    """A quality model (e.g. CLIP) that the user asked for is not available locally."""
+from specdiff.evaluation.metrics import QualityModelMissing
 
 
 class ClipScorer:

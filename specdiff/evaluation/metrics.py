@@ -7,6 +7,10 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 
+class QualityModelMissing(RuntimeError):
+    """A quality model (CLIP, Inception) or reference set the user asked for is not available locally."""
+
+
 def as_hwc(image) -> np.ndarray:
     """A PIL image, (H, W, C) array in [0, 1] or (C, H, W) tensor in [0, 1] -> float64 (H, W, C)."""
     if hasattr(image, "detach"):
