@@ -50,6 +50,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def last_logged_seconds(log_path: Path) -> float:
+    """The `seconds` column of a loss log's last row (0 for a log with no rows)."""
+    rows = log_path.read_text().splitlines()[1:]
+    return float(rows[-1].split(",")[2]) if rows else 0.0
+
+
 def logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
     return torch.sigmoid(torch.randn(batch, generator=generator))
 
@@ -103,7 +109,7 @@ def main(argv=None) -> None:
     (args.out / "args.json").write_text(json.dumps({**vars(args), "config": TRANSFORMER_CONFIG}, indent=1, default=str))
 
     model.train()
-    started = time.time()
+    started = time.time() - (0.0 if new_log else last_logged_seconds(log_path))  # a resumed run keeps counting
     bar = tqdm(total=args.steps, initial=step, desc="training", smoothing=0.05)
     while step < args.steps:
         images, masks, captions, _ = make_batch(data_rng, args.batch_size)
