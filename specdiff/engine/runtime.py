@@ -264,27 +264,21 @@ class Runtime:
             branch.future.append((self._step_timestep, ctx.tap_sum))
         branch.attention = ctx.tap_sum  # None when this step's taps were not needed
         n_tokens = output.shape[1]
-        if plan.compute is None:
-            c1, c2, c3 = n_tokens, 0.0, 0.0
-        else:
-            c1 = plan.compute.shape[1]
-            if plan.reuse is None or not had_three:
-                # fewer than three outputs before this step: every cached token copies
-                c2, c3 = float(n_tokens - c1), 0.0
-            else:
-                computed_mask = torch.zeros_like(plan.reuse).scatter(1, plan.compute, True)
-                c2 = (plan.reuse & ~computed_mask).sum(1).float().mean()  # read later, by resolve()
-                c3 = float("nan")
+        c1 = n_tokens if plan.compute is None else plan.compute.shape[1]
+        reused, pending = float(n_tokens - c1), None  # fewer than three outputs yet: every cached token copies
+        if plan.compute is not None and plan.reuse is not None and had_three:
+            computed_mask = torch.zeros_like(plan.reuse).scatter(1, plan.compute, True)
+            reused, pending = float("nan"), (plan.reuse & ~computed_mask).sum(1).float().mean()  # read by resolve()
         record = StepRecord(
             phase=self.phase, branch=self._branch, step=branch.step, timestep=self._step_timestep,
             kind="dense" if plan.compute is None else "sparse", computed=c1,
-            reused=c2 if isinstance(c2, float) else float("nan"), approximated=c3,
+            reused=reused, approximated=n_tokens - c1 - reused,
             tokens=n_tokens, scoring_seconds=self._scoring + ctx.tap_seconds + time.perf_counter() - tic,
             blocks_computed=branch.policy_state.pop("blocks_computed", None), tapped=tapped,
         )
         self.summary.records.append(record)
-        if isinstance(c2, torch.Tensor):
-            self.summary.pending_reused.append((record, c2))
+        if pending is not None:
+            self.summary.pending_reused.append((record, pending))
         branch.step += 1
         ctx.active = None
         ctx.tap_sum = None

@@ -61,10 +61,8 @@ class MethodSpec:
 
 def parse_method(text: str) -> MethodSpec:
     """'full', 'specdiff', or 'specdiff:cache_ratio=0.9,warmup_steps=3'."""
-    import specdiff
-    from specdiff.policies.registry import config_for
-
     from specdiff.evaluation.peers import PEERS
+    from specdiff.policies.registry import POLICIES, config_for
 
     name, _, rest = text.partition(":")
     if name == FULL and not rest:
@@ -72,21 +70,19 @@ def parse_method(text: str) -> MethodSpec:
     if name == FULL:
         key, _, value = rest.partition("=")
         if key != "steps" or not value.isdigit() or int(value) < 1:
-            raise specdiff.ConfigError(f"{text}: full compute takes only steps=N (N >= 1), e.g. full:steps=10")
+            raise ConfigError(f"{text}: full compute takes only steps=N (N >= 1), e.g. full:steps=10")
         return MethodSpec(text, None, steps=int(value))
     fields = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
-            raise specdiff.ConfigError(
+            raise ConfigError(
                 f"method option {item!r} must look like key=value (commas separate options; "
                 f"step lists use slashes, e.g. reset_steps=12/22)"
             )
         fields[key.strip()] = _parse_value(value.strip())
     if name in PEERS:
         return MethodSpec(text, None, peer=(name, fields))
-    from specdiff.policies.registry import POLICIES
-
     if name in POLICIES:
         for field in dataclasses.fields(POLICIES[name][0]):
             if isinstance(field.default, tuple) and isinstance(fields.get(field.name), int):
@@ -94,7 +90,7 @@ def parse_method(text: str) -> MethodSpec:
     try:
         config = config_for(name, **fields)
     except TypeError as error:
-        raise specdiff.ConfigError(f"{text}: {error}") from None
+        raise ConfigError(f"{text}: {error}") from None
     return MethodSpec(text, config)
 
 
@@ -238,7 +234,7 @@ def run_shard(pipe, methods, prompts, indices, seed, steps, batch_size, extra, d
 
 def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None, fid=None):
     """Per-method medians, ratios to full compute, fidelity and quality."""
-    from specdiff.evaluation.metrics import psnr, ssim
+    from specdiff.evaluation.metrics import frechet_distance, psnr, ssim
 
     by_method = {m.label: [r for r in records if r["method"] == m.label] for m in methods}
     full_by_batch = {tuple(r["prompt_indices"]): r for r in by_method[FULL]}
@@ -253,6 +249,14 @@ def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None,
 
         real = render_batch(scenes, random.Random(0))
         real_features = checker_features(checker, real)
+    full_features = {}  # features of full compute's images, extracted once per metric and prompt set
+
+    def features_of_full(name, extract, order):
+        key = (name, tuple(order))
+        if key not in full_features:
+            full_features[key] = extract(torch.from_numpy(np.stack([full_images[i] for i in order])))
+        return full_features[key]
+
     rows = []
     for spec in methods:
         rs = by_method[spec.label]
@@ -279,27 +283,20 @@ def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None,
             "psnr_mean": float(np.mean(finite)) if finite else float("inf"),
             "ssim_mean": float(np.mean(ssims)),
         }
+        generated = torch.from_numpy(np.stack([per_prompt[i] for i in order]))
+        # a covariance needs two images; thousands make a Fréchet distance stable
         if fid is not None and len(order) >= 2:
-            from specdiff.evaluation.metrics import frechet_distance
-
-            extractor, reference = fid
-            generated = torch.from_numpy(np.stack([per_prompt[i] for i in order]))
-            if reference is None:  # no real images given: against full compute's images
-                reference = extractor.features(torch.from_numpy(np.stack([full_images[i] for i in order])))
+            extractor, real_images = fid  # without real images: against full compute's images
+            reference = real_images if real_images is not None else features_of_full("fid", extractor.features, order)
             row["fid"] = frechet_distance(extractor.features(generated), reference)
         if clip is not None:
-            from specdiff.evaluation.metrics import frechet_distance
-
-            generated = torch.from_numpy(np.stack([per_prompt[i] for i in order]))
             row["clip_score"] = float(np.mean(clip.score(generated, [prompts[i] for i in order])))
-            if len(order) >= 2:  # a covariance needs two images; thousands make the number stable
-                reference = torch.from_numpy(np.stack([full_images[i] for i in order]))
-                row["clip_fd_to_full"] = frechet_distance(clip.features(generated), clip.features(reference))
+            if len(order) >= 2:
+                reference = features_of_full("clip", clip.features, order)
+                row["clip_fd_to_full"] = frechet_distance(clip.features(generated), reference)
         if real_features is not None:
-            from specdiff.evaluation.metrics import frechet_distance
             from specdiff.reference.checker import accuracy, checker_features, read_images
 
-            generated = torch.from_numpy(np.stack([per_prompt[i] for i in order]))
             asked = [scenes[i] for i in order]
             acc = accuracy(asked, read_images(checker, generated))
             row.update({f"align_{k}": v for k, v in acc.items()})
