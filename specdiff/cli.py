@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -81,6 +82,8 @@ def load_pipeline(model: str | None, device: str, dtype_name: str):
     if not folder.is_dir():
         raise CLIError(f"--model {model}: no such folder (give a local diffusers pipeline folder)")
     index = folder / "model_index.json"
+    if index.exists() and not index.is_file():
+        raise CLIError(f"--model {model}: model_index.json is not a regular file")
     if not index.exists():
         if (folder / "transformer").is_dir() and (folder / "SHA256SUMS").exists():
             from specdiff.reference.pipeline import CorruptModelError, load_scene_pipeline
@@ -90,16 +93,21 @@ def load_pipeline(model: str | None, device: str, dtype_name: str):
             except CorruptModelError as error:
                 raise CLIError(str(error)) from None
         raise CLIError(f"--model {model}: no model_index.json, so this is not a diffusers pipeline folder")
-    class_name = json.loads(index.read_text()).get("_class_name", "")
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (ValueError, AttributeError, OSError) as error:
+        raise CLIError(f"--model {model}: model_index.json is not a readable JSON object ({error})") from None
     supported = ("StableDiffusion3Pipeline", "FluxPipeline")
     if class_name not in supported:
         raise CLIError(f"--model {model}: {class_name or 'unknown'} pipeline is not supported; supported: {', '.join(supported)}")
     import diffusers
 
-    try:
-        pipe = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise CLIError(f"--model {model}: could not load it offline: {error}") from None
+    try:  # safetensors only: pickle weights (.bin) could run code when loaded
+        pipe = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
+                                                              use_safetensors=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CLIError(f"--model {model}: could not load it offline from safetensors files: {first_line}") from None
     return pipe.to(device), f"{class_name} at {folder}"
 
 
@@ -133,19 +141,58 @@ def _save(image, path: Path, scale: int) -> None:
     picture.save(path)
 
 
-def cmd_generate(args) -> int:
+def check_output_folder(path: str, option: str = "--out") -> Path:
+    """Refuse an output folder that cannot be written, before any work; create nothing."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{option} {out} exists and is not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {out}: cannot write there ({existing} is not a writable folder)")
+    return out
+
+
+def check_device(name: str) -> str:
+    """'auto' -> cuda when available, else cpu; anything unusable is refused in one line."""
     import torch
 
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: this torch build has no CUDA device (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+def check_image_size(pipe, height: int | None, width: int | None) -> None:
+    """Height and width must be positive multiples of what the model divides them by."""
+    from specdiff.reference.pipeline import ScenePipeline
+
+    patch = pipe.transformer.config.patch_size
+    factor = patch if isinstance(pipe, ScenePipeline) else getattr(pipe, "vae_scale_factor", 8) * 2
+    for option, value in (("--height", height), ("--width", width)):
+        if value is not None and (value <= 0 or value % factor):
+            raise CLIError(f"{option} must be a positive multiple of {factor} for this model, got {value}")
+
+
+def cmd_generate(args) -> int:
     import specdiff
     from specdiff.evaluation.metrics import psnr, ssim
 
     config = _build_config(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = check_output_folder(args.out)
+    args.device = check_device(args.device)
     pipe, description = load_pipeline(args.model, args.device, args.dtype)
+    check_image_size(pipe, args.height, args.width)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     print(f"model: {description}; method: {config}")
 
@@ -195,8 +242,13 @@ def cmd_bench(args) -> int:
     for side in ("height", "width"):
         if getattr(args, side) is not None and getattr(args, side) < 1:
             raise CLIError(f"--{side} must be a positive number of pixels, got {getattr(args, side)}")
+    for option in ("num_prompts", "batch_size"):
+        if getattr(args, option) < 1:
+            raise CLIError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    check_output_folder(args.out)
+    args.device = check_device(args.device)
     try:
-        run_benchmark(args)
+        run_benchmark(args, check_size=check_image_size)
     except (ConfigError, QualityModelMissing) as error:
         raise CLIError(str(error)) from None
     except ValueError as error:  # the pipeline refusing a size or a setting, before any output is written
@@ -262,11 +314,17 @@ def main(argv=None) -> int:
     if getattr(args, "repeats", 1) < 1:
         print("specdiff: error: --repeats must be at least 1", file=sys.stderr)
         return 2
+    if not 0 <= getattr(args, "seed", 0) < 2**63:
+        print(f"specdiff: error: --seed must be in [0, 2**63), got {args.seed}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except CLIError as error:
         print(f"specdiff: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("specdiff: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -62,22 +62,48 @@ def _adapter_for(transformer) -> type[Adapter]:
     raise UnsupportedModelError(f"{type(transformer).__name__} is not supported; supported: {SUPPORTED}")
 
 
+def _other_cache(transformer) -> str | None:
+    """The name of another library's cache installed on the transformer, if any."""
+    if getattr(transformer, "_cache_config", None) is not None:  # diffusers' CacheMixin.enable_cache
+        return f"diffusers' {type(transformer._cache_config).__name__}"
+    for name, module in transformer.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook_name in getattr(registry, "hooks", {}) or {}:
+            if any(word in hook_name for word in ("cache", "fbc", "broadcast", "taylorseer")):
+                return f"diffusers' {hook_name!r} hook" + (f" on {name}" if name else "")
+    if any(getattr(transformer, attr, False) for attr in ("_is_cached", "_is_cache_dit_enabled")):
+        return "cache-dit"
+    return None
+
+
 def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int | None = None, seed: int = 0):
     """Accelerate `obj` (a pipeline, or a bare transformer given num_inference_steps).
 
     config: any method's config (default SpecDiffConfig()). seed: for
-    policies that draw random numbers. Returns obj.
+    policies that draw random numbers, an integer in [0, 2**63). Returns obj.
     """
     config = config if config is not None else SpecDiffConfig()
     if not isinstance(config, PolicyConfig):
         raise TypeError(f"config must be a specdiff config (e.g. SpecDiffConfig), got {type(config).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"enable(seed=...) must be an integer in [0, 2**63), got {seed!r}")
+    if num_inference_steps is not None and (
+        isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1
+    ):
+        raise ValueError(f"enable(num_inference_steps=...) must be an integer >= 1, got {num_inference_steps!r}")
     transformer, pipeline = _transformer_of(obj)
     adapter_type = _adapter_for(transformer)
-    if getattr(transformer, _STATE_ATTR, None) is not None:
+    if getattr(transformer, _STATE_ATTR, None) is not None or (
+        pipeline is not None and vars(pipeline).get(_STATE_ATTR) is not None
+    ):
         raise RuntimeError(f"specdiff is already enabled on this {type(obj).__name__}; call specdiff.disable first")
+    other = _other_cache(transformer)
+    if other is not None:
+        raise RuntimeError(f"{other} is already installed on this transformer; remove it before enabling specdiff "
+                           "(two caches on one model would each skip work the other relies on)")
     policy = make_policy(config)
     if pipeline is None:
-        if num_inference_steps is None or num_inference_steps < 1:
+        if num_inference_steps is None:
             raise ValueError("on a bare transformer, enable needs num_inference_steps >= 1 (steps per generation)")
         if policy.speculative_steps > 0:
             raise ValueError(
@@ -91,34 +117,43 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
     if pipeline is not None:
         state.pipeline = pipeline
         state.original_class = type(pipeline)
+        vars(pipeline)[_STATE_ATTR] = state  # found again even if pipe.transformer is replaced
         pipeline.__class__ = _accelerated_class(type(pipeline))
     setattr(transformer, _STATE_ATTR, state)
     return obj
 
 
+def _state_of(obj) -> _State | None:
+    if not isinstance(obj, torch.nn.Module):
+        state = vars(obj).get(_STATE_ATTR) if hasattr(obj, "__dict__") else None
+        if state is not None:
+            return state
+    transformer, _ = _transformer_of(obj)
+    return getattr(transformer, _STATE_ATTR, None)
+
+
 def disable(obj):
     """Restore `obj` exactly: original forward, attention processors and class. Returns obj."""
-    transformer, _ = _transformer_of(obj)
-    state = getattr(transformer, _STATE_ATTR, None)
+    state = _state_of(obj)
     if state is None:
         raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
     state.runtime.abort()
     state.adapter.uninstall()
+    transformer = state.adapter.model
     if state.pipeline is not None:
         state.pipeline.__class__ = state.original_class
-    delattr(transformer, _STATE_ATTR)
+        vars(state.pipeline).pop(_STATE_ATTR, None)
+    vars(transformer).pop(_STATE_ATTR, None)
     return obj
 
 
 def is_enabled(obj) -> bool:
-    transformer, _ = _transformer_of(obj)
-    return getattr(transformer, _STATE_ATTR, None) is not None
+    return _state_of(obj) is not None
 
 
 def summary(obj) -> GenerationSummary | None:
     """What the last generation did, step by step (None before the first)."""
-    transformer, _ = _transformer_of(obj)
-    state = getattr(transformer, _STATE_ATTR, None)
+    state = _state_of(obj)
     if state is None:
         raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
     runtime = state.runtime
@@ -131,9 +166,16 @@ def summary(obj) -> GenerationSummary | None:
 _CLASS_CACHE: dict[type, type] = {}
 
 
+def _refuse_pickle(pipe, protocol=None):
+    raise TypeError("specdiff: an enabled pipeline cannot be pickled (its caches and hooks are per process); "
+                    "call specdiff.disable(pipe) first, and enable again after loading")
+
+
 def _accelerated_class(cls: type) -> type:
     if cls not in _CLASS_CACHE:
-        _CLASS_CACHE[cls] = type(cls.__name__, (cls,), {"__call__": _accelerated_call, "__module__": cls.__module__})
+        _CLASS_CACHE[cls] = type(cls.__name__, (cls,), {
+            "__call__": _accelerated_call, "__module__": cls.__module__, "__reduce_ex__": _refuse_pickle,
+        })
     return _CLASS_CACHE[cls]
 
 
@@ -152,26 +194,35 @@ def _uses_cfg(pipe, arguments: dict) -> int:
     return 2 if scale > 1 else 1
 
 
-@contextlib.contextmanager
-def _same_randomness(arguments: dict):
-    """Run a block, then put every RNG the pipeline may draw from back as it was."""
+def _generator_copy(generator: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy
+
+
+def _speculation_generators(pipe, arguments: dict):
+    """Generators that draw the same initial noise as the real pass will, without advancing any:
+    copies of the user's generators, or of the global generator the pipeline would draw from.
+    (Saving and restoring the global state instead would rewind other threads' draws.)"""
     generators = arguments.get("generator")
-    generators = generators if isinstance(generators, list) else [generators] if generators is not None else []
-    states = [g.get_state() for g in generators]
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        for g, s in zip(generators, states):
-            g.set_state(s)
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+    if isinstance(generators, list):
+        return [_generator_copy(g) for g in generators]
+    if generators is not None:
+        return _generator_copy(generators)
+    device = getattr(pipe, "_execution_device", None) or pipe.transformer.device
+    device = torch.device(device)
+    copy = torch.Generator(device=device)
+    copy.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
+    return copy
 
 
 def _accelerated_call(pipe, *args, **kwargs):
-    state: _State = getattr(pipe.transformer, _STATE_ATTR)
+    state: _State = vars(pipe)[_STATE_ATTR]
+    if pipe.transformer is not state.adapter.model:
+        raise RuntimeError(
+            "pipe.transformer was replaced after specdiff.enable; call specdiff.disable(pipe) (it restores the "
+            "pipeline and the old transformer), then specdiff.enable(pipe, config) for the new one"
+        )
     runtime = state.runtime
     base_call = state.original_class.__call__
     bound = _call_arguments(pipe, args, kwargs)
@@ -248,16 +299,17 @@ def _speculate(pipe, base_call, arguments: dict, runtime: Runtime) -> None:
             spec_args["guidance_scale"] = 1.0  # conditional rows only
         if (spec_args.get("true_cfg_scale") or 1.0) > 1.0:
             spec_args["true_cfg_scale"] = 1.0  # FLUX: no negative branch
+    if spec_args.get("latents") is None:
+        spec_args["generator"] = _speculation_generators(pipe, arguments)
     progress = getattr(pipe, "_progress_bar_config", None)
     runtime.start_speculation()
-    with _same_randomness(arguments):
-        try:
-            pipe.set_progress_bar_config(disable=True)
-            base_call(pipe, **spec_args)
-        finally:
-            if progress is None:
-                vars(pipe).pop("_progress_bar_config", None)
-            else:
-                pipe._progress_bar_config = progress
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        base_call(pipe, **spec_args)
+    finally:
+        if progress is None:
+            vars(pipe).pop("_progress_bar_config", None)
+        else:
+            pipe._progress_bar_config = progress
     runtime.end_speculation()
     runtime.summary.speculation_seconds = time.perf_counter() - tic

@@ -98,15 +98,15 @@ def test_shipped_checker_reads_fresh_scenes():
 
 
 def test_alignment_scoring_counts_each_attribute():
-    from specdiff.reference.checker import attribute_hits
+    from specdiff.reference.alignment import lenient_hits
 
     asked = scenes.Scene("white", (scenes.SceneObject("red", "circle", "large", "top left"),))
-    same = attribute_hits(asked, asked)
+    same = lenient_hits(asked, asked)
     assert all(v == [1] for v in same.values())
     moved = scenes.Scene("white", (scenes.SceneObject("red", "circle", "small", "center"),))
-    hits = attribute_hits(asked, moved)
+    hits = lenient_hits(asked, moved)
     assert hits["position"] == [0] and hits["colour"] == [1] and hits["size"] == [0]
-    assert attribute_hits(asked, scenes.Scene("black", ()))["colour"] == [0]
+    assert lenient_hits(asked, scenes.Scene("black", ()))["colour"] == [0]
 
 
 def test_training_resumes_and_exports(tmp_path, capsys):

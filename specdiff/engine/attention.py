@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 
 import torch
 
 
 @dataclasses.dataclass
-class AttentionContext:
+class AttentionContext(threading.local):
     """The state a step shares with the processors of one transformer.
 
     `active` is None on a dense step (every image token runs), else (B, n)
     indices of the image tokens that run. `kv` maps a layer name to the
     cached (keys, values) of all image tokens, shape (B, H, N, D).
+    Thread-local: a call of the same transformer from another thread (e.g. a
+    plain pipeline sharing it) sees its own, disabled context.
     """
 
     enabled: bool = False

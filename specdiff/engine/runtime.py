@@ -11,6 +11,7 @@ transformer at the same timestep, e.g. FLUX's true CFG), never globally.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import torch
@@ -111,7 +112,9 @@ class Runtime:
         self.auto_num_steps = auto_num_steps  # bare transformer: generations found from the timesteps
         self.seed = seed
         self.context = AttentionContext()
-        self.phase: str | None = None  # None: outside a generation, plain compute
+        self._phase: str | None = None  # None: outside a generation, plain compute
+        self._owner: int | None = None  # the thread running the generation
+        self._busy = threading.Lock()
         self.num_steps = 0
         self.cfg_groups = 1
         self.summary: GenerationSummary | None = None
@@ -125,8 +128,20 @@ class Runtime:
         self._generator = torch.Generator()
         self._started = 0.0
 
+    @property
+    def phase(self) -> str | None:
+        """The generation's phase, seen from the calling thread: other threads run plain."""
+        return self._phase if self._owner == threading.get_ident() else None
+
     # -- generation boundaries ---------------------------------------------
     def start_generation(self, num_steps: int, cfg_groups: int = 1) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "specdiff: this accelerated transformer is already generating in another thread; its caches "
+                "belong to one generation at a time: give each thread its own pipeline and transformer, "
+                "or run the generations one after another"
+            )
+        self._owner = threading.get_ident()
         self.num_steps = num_steps
         self.cfg_groups = cfg_groups
         self.summary = GenerationSummary(self.policy.config.method, self.policy.config)
@@ -150,7 +165,12 @@ class Runtime:
 
     def abort(self) -> None:
         """Drop every per-generation tensor (also after an error)."""
-        self.phase = None
+        if self._owner is not None and self._owner != threading.get_ident():
+            return  # another thread's generation: not ours to end
+        self._phase = None
+        self._owner = None
+        if self._busy.locked():
+            self._busy.release()
         self.summary = None
         self._branches = []
         self._speculated = []
@@ -162,17 +182,20 @@ class Runtime:
         self.context.tap_sum = None
 
     def _auto_boundaries(self, timestep: float) -> None:
-        """Bare transformer: a generation ends after num_steps steps or when the timestep rises."""
+        """Bare transformer: a generation ends when every branch has run num_steps steps, or when
+        the timestep rises (a call at the same timestep is another branch of the same step)."""
+        done = bool(self._branches) and all(b.step >= self.auto_num_steps for b in self._branches)
+        if self._owner is not None and self._owner != threading.get_ident() and done:
+            self._owner = threading.get_ident()  # a finished generation of another thread: take it over
         if self.phase is not None:
-            done = bool(self._branches) and self._branches[0].step >= self.auto_num_steps
             rising = self._last_timestep is not None and timestep > self._last_timestep
-            if done and timestep != self._last_timestep or rising:
+            if done or rising:
                 self.finish_generation()
         if self.phase is None:
             self.start_generation(self.auto_num_steps)
 
     def _enter_phase(self, phase: str) -> None:
-        self.phase = phase
+        self._phase = phase
         self._branches = []
         self._last_timestep = None
 

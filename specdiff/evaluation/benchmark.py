@@ -17,7 +17,9 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -162,6 +164,8 @@ def read_prompt_file(path: str, count: int) -> list[str]:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     except OSError as error:
         raise ConfigError(f"--prompts {path!r}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--prompts {path!r} is not UTF-8 text (one prompt per line)") from None
     prompts = [line for line in lines if line]
     if len(prompts) < count:
         raise ConfigError(f"--prompts {path!r} has {len(prompts)} prompts; --num-prompts asks for {count}")
@@ -169,16 +173,24 @@ def read_prompt_file(path: str, count: int) -> list[str]:
 
 
 def bench_prompts(pipe, split: str, count: int, prompt_file: str | None = None):
-    """(captions, scenes or None). A user's prompt file; else scene prompts for the embedded model
-    (the checker can read those back), else a fixed list."""
+    """(captions, scenes or None). A user's prompt file (scenes when every line parses as a scene
+    caption); else scene prompts for the embedded model (the checker can read those back), else a fixed list."""
     from specdiff.reference.pipeline import ScenePipeline
+    from specdiff.reference.scenes import held_out_prompts, parse_caption, training_prompts
 
     if prompt_file is not None:
-        return read_prompt_file(prompt_file, count), None
+        prompts = read_prompt_file(prompt_file, count)
+        if not isinstance(pipe, ScenePipeline):
+            return prompts, None
+        parsed = [parse_caption(p) for p in prompts]
+        if any(p is None for p in parsed):
+            bad = next(p for p, sc in zip(prompts, parsed) if sc is None)
+            print(f"bench: alignment left out: {prompt_file} has lines that are not scene captions, e.g. {bad!r}")
+            return prompts, None
+        return prompts, parsed
     if isinstance(pipe, ScenePipeline):
-        from specdiff.reference.scenes import held_out_prompts, training_prompts
-
-        scenes = held_out_prompts(count) if split == "heldout" else training_prompts(count)
+        style = pipe.style
+        scenes = held_out_prompts(count, style=style) if split == "heldout" else training_prompts(count, style=style)
         return [s.caption() for s in scenes], scenes
     base = ["a red fox in the snow", "a city street at night", "a bowl of fruit on a table", "a sailing boat at sea"]
     return [base[i % len(base)] + ("" if i < len(base) else f", view {i}") for i in range(count)], None
@@ -232,7 +244,7 @@ def run_shard(pipe, methods, prompts, indices, seed, steps, batch_size, extra, d
     return records
 
 
-def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None, fid=None):
+def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None, fid=None, style=None):
     """Per-method medians, ratios to full compute, fidelity and quality."""
     from specdiff.evaluation.metrics import frechet_distance, psnr, ssim
 
@@ -247,7 +259,7 @@ def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None,
         from specdiff.reference.checker import checker_features, render_batch
         import random
 
-        real = render_batch(scenes, random.Random(0))
+        real = render_batch(scenes, random.Random(0), style=style)
         real_features = checker_features(checker, real)
     full_features = {}  # features of full compute's images, extracted once per metric and prompt set
 
@@ -295,25 +307,30 @@ def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None,
                 reference = features_of_full("clip", clip.features, order)
                 row["clip_fd_to_full"] = frechet_distance(clip.features(generated), reference)
         if real_features is not None:
-            from specdiff.reference.checker import accuracy, checker_features, read_images
+            from specdiff.reference.alignment import chance_level, lenient_accuracy, strict_accuracy
+            from specdiff.reference.checker import checker_features, read_images
 
             asked = [scenes[i] for i in order]
-            acc = accuracy(asked, read_images(checker, generated))
-            row.update({f"align_{k}": v for k, v in acc.items()})
+            seen = read_images(checker, generated)
+            row.update({f"align_{k}": v for k, v in strict_accuracy(asked, seen).items()})
+            row["align_lenient_mean"] = lenient_accuracy(asked, seen)["mean"]
+            if len(order) >= 2:
+                row["align_chance_exact_scene"] = chance_level(asked, seen)["exact_scene"]
+                row["align_chance_lenient_mean"] = lenient_accuracy(asked, seen[1:] + seen[:1])["mean"]
             row["frechet_distance"] = frechet_distance(checker_features(checker, generated), real_features[order])
         rows.append(row)
     return rows
 
 
 def markdown_table(rows) -> str:
-    has_align = "align_mean" in rows[0]
+    has_align = "align_exact_scene" in rows[0]
     head = "| method | s / image | wall-clock speed-up | FLOPs ratio | PSNR dB | SSIM |"
     rule = "|---|---|---|---|---|---|"
     has_clip = "clip_score" in rows[0]
     has_fid = "fid" in rows[0]
     if has_align:
-        head += " alignment | Fréchet dist. |"
-        rule += "---|---|"
+        head += " exact scene | colour | shape | size | position | unasked / image | lenient | Fréchet dist. |"
+        rule += "---|---|---|---|---|---|---|---|"
     if has_clip:
         head += " CLIP score | CLIP FD to full |"
         rule += "---|---|"
@@ -329,7 +346,8 @@ def markdown_table(rows) -> str:
             f"{r['flops_ratio']:.2f}x | {r['psnr_mean']:.2f} | {r['ssim_mean']:.3f} |"
         )
         if has_align:
-            line += f" {100 * r['align_mean']:.1f}% | {r['frechet_distance']:.2f} |"
+            line += "".join(f" {100 * r['align_' + k]:.1f}% |" for k in ("exact_scene", "colour", "shape", "size", "position"))
+            line += f" {r['align_unasked_per_image']:.2f} | {100 * r['align_lenient_mean']:.1f}% | {r['frechet_distance']:.2f} |"
         if has_clip:
             line += f" {r['clip_score']:.2f} | {r.get('clip_fd_to_full', float('nan')):.3f} |"
         if has_fid:
@@ -346,8 +364,8 @@ def pareto_plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("psnr_mean", "PSNR vs full compute (dB)")]
-    if "align_mean" in rows[0]:
-        panels.append(("align_mean", "prompt-alignment accuracy"))
+    if "align_exact_scene" in rows[0]:
+        panels.append(("align_exact_scene", "exact-scene rate (strict alignment)"))
     if "clip_score" in rows[0]:
         panels.append(("clip_score", "CLIP score"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
@@ -410,10 +428,9 @@ def image_grid(methods, records, prompts: list[str], path: Path, max_rows: int =
     sheet.save(path)
 
 
-def _native_scene_size(extra: dict) -> bool:
-    from specdiff.reference.scenes import IMAGE_SIZE
-
-    return extra.get("height", IMAGE_SIZE) == IMAGE_SIZE and extra.get("width", IMAGE_SIZE) == IMAGE_SIZE
+def _native_scene_size(pipe, extra: dict) -> bool:
+    size = pipe.style.image_size
+    return extra.get("height", size) == size and extra.get("width", size) == size
 
 
 def save_images(methods, records, folder: Path) -> None:
@@ -428,7 +445,7 @@ def save_images(methods, records, folder: Path) -> None:
                 Image.fromarray(pixels).save(target / f"{i:05d}.png")
 
 
-def run_benchmark(args) -> list[dict]:
+def run_benchmark(args, check_size=None) -> list[dict]:
     import torch.distributed as dist
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -456,15 +473,18 @@ def run_benchmark(args) -> list[dict]:
         fid = (extractor, folder_features(extractor, args.fid_reference) if args.fid_reference else None)
     pipe, extra = load_bench_pipeline(args.model, str(device))
     pipe.set_progress_bar_config(disable=True)
+    if check_size is not None:
+        check_size(pipe, args.height, args.width)
     if args.guidance is not None:
         extra["guidance_scale"] = args.guidance
     for side in ("height", "width"):
         if getattr(args, side) is not None:
             extra[side] = getattr(args, side)
     prompts, scenes = bench_prompts(pipe, args.split, args.num_prompts, args.prompts)
-    checker_reads = scenes is not None and _native_scene_size(extra)
+    checker_reads = scenes is not None and _native_scene_size(pipe, extra)
     if scenes is not None and not checker_reads and rank == 0:
-        print("bench: the checker reads 32 x 32 scenes only: alignment and Fréchet distance are left out at this size")
+        size = pipe.style.image_size
+        print(f"bench: the checker reads {size} x {size} scenes only: alignment and Fréchet distance are left out at this size")
     shard = list(range(rank, len(prompts), world))  # every prompt exactly once over the ranks
     _generate(pipe, prompts[:1], [args.seed], 2, extra, device)  # warm-up
     records = run_shard(pipe, methods, prompts, shard, args.seed, args.steps, args.batch_size, extra, device,
@@ -482,28 +502,40 @@ def run_benchmark(args) -> list[dict]:
     if checker_reads:
         from specdiff.reference.checker import load_checker
 
-        checker = load_checker()
-    rows = summarise(methods, records, prompts, scenes, flops, checker, clip, fid)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": "specdiff bench " + " ".join(args.argv), "model": args.model, "steps": args.steps,
-        "split": args.split, "prompts": len(prompts), "seed": args.seed, "processes": world,
-        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "height": extra.get("height"), "width": extra.get("width"),
-        "fid_reference": (args.fid_reference or "full-compute images") if args.fid_inception else None,
-    }
-    per_prompt = [
-        {k: v for k, v in r.items() if k != "images"} for r in records
-    ]
-    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "batches": per_prompt}, indent=1))
-    table = markdown_table(rows)
-    legend = ", ".join(f"{i}: {m.label}" for i, m in enumerate(methods))
-    (out / "results.md").write_text(f"{table}\n\ngrid.png columns: {legend}\n\n{json.dumps(meta)}\n")
-    pareto_plot(rows, out / "pareto.png")
-    image_grid(methods, records, prompts, out / "grid.png")
-    if args.save_images:
-        save_images(methods, records, out / "images")
+        checker = load_checker(pipe.style)
+    rows = summarise(methods, records, prompts, scenes, flops, checker, clip, fid,
+                     style=pipe.style if scenes is not None else None)
+    final = Path(args.out)
+    final.mkdir(parents=True, exist_ok=True)
+    # Everything is written to a temporary folder beside it, then moved in with results.json last: an
+    # interrupted run never leaves a results.json that looks finished (nor one from an older run beside new plots).
+    out = Path(tempfile.mkdtemp(prefix=".partial-", dir=final))
+    try:
+        (final / "results.json").unlink(missing_ok=True)
+        meta = {
+            "command": "specdiff bench " + " ".join(args.argv), "model": args.model, "steps": args.steps,
+            "split": args.split, "prompts": len(prompts), "seed": args.seed, "processes": world,
+            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "height": extra.get("height"), "width": extra.get("width"),
+            "alignment": ("strict: exact_scene = background and every named attribute right, nothing unasked drawn; "
+                          "align_chance_* = the same score against another prompt's scene") if checker_reads else None,
+            "fid_reference": (args.fid_reference or "full-compute images") if args.fid_inception else None,
+        }
+        per_prompt = [{k: v for k, v in r.items() if k != "images"} for r in records]
+        table = markdown_table(rows)
+        legend = ", ".join(f"{i}: {m.label}" for i, m in enumerate(methods))
+        (out / "results.md").write_text(f"{table}\n\ngrid.png columns: {legend}\n\n{json.dumps(meta)}\n")
+        pareto_plot(rows, out / "pareto.png")
+        image_grid(methods, records, prompts, out / "grid.png")
+        if args.save_images:
+            save_images(methods, records, out / "images")
+        (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "batches": per_prompt}, indent=1))
+        for name in sorted(os.listdir(out), key=lambda n: n == "results.json"):  # results.json last
+            if (final / name).is_dir():
+                shutil.rmtree(final / name)
+            os.replace(out / name, final / name)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     print(table)
     if distributed:
         dist.destroy_process_group()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from typing import Callable, ClassVar
 
 import torch
@@ -14,7 +16,7 @@ class ConfigError(ValueError):
 
 def check_range(config, name: str, low: float, high: float, *, low_open=False, high_open=False) -> None:
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ConfigError(f"{type(config).__name__}.{name} must be a number, got {value!r}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
@@ -39,7 +41,22 @@ class PolicyConfig:
     method: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        self._check_field_types()
         self.validate()
+
+    def _check_field_types(self) -> None:
+        """Every field holds its declared type: a bool field a real bool (the string "false" is truthy),
+        a float field a finite number or an int (NaN passes every range check), an int field an int."""
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), hints.get(field.name)
+            where = f"{type(self).__name__}.{field.name}"
+            if kind is bool and not isinstance(value, bool):
+                raise ConfigError(f"{where} must be True or False, got {value!r}")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise ConfigError(f"{where} must be a finite number, got {value!r}")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{where} must be an integer, got {value!r}")
 
     def validate(self) -> None:  # overridden by each config
         pass

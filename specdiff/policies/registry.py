@@ -25,9 +25,11 @@ POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {
 
 
 def make_policy(config: PolicyConfig) -> Policy:
-    for config_type, policy_type in POLICIES.values():
-        if type(config) is config_type:
-            return policy_type(config)
+    """The policy of a config, or of the registered config it subclasses."""
+    by_config = {config_type: policy_type for config_type, policy_type in POLICIES.values()}
+    for cls in type(config).__mro__:
+        if cls in by_config:
+            return by_config[cls](config)
     known = ", ".join(c.__name__ for c, _ in POLICIES.values())
     raise ConfigError(f"unknown config type {type(config).__name__}; expected one of: {known}")
 

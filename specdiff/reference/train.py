@@ -1,6 +1,7 @@
 """Train the embedded model (rectified flow, as in SD3), seeded and resumable.
 
     python -m specdiff.reference.train --out runs/scene-model --steps 10000
+    python -m specdiff.reference.train --style v2 --out runs/scene-v2 --init-from specdiff/reference/weights
 
 Every `--save-every` steps it writes a checkpoint (weights, EMA weights,
 optimizer, RNG states, loss log) under --out; rerunning the same command
@@ -24,8 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specdiff.reference.model import TRANSFORMER_CONFIG, build_transformer
-from specdiff.reference.scenes import make_batch
+from specdiff.reference.model import build_transformer, transformer_config
+from specdiff.reference.scenes import get_style, make_batch
 from specdiff.reference.text_encoder import SceneTextEncoder
 
 
@@ -42,11 +43,14 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--style", default="v1", choices=("v1", "v2"), help="scene data (see specdiff.reference.scenes)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda; checkpoints are always written on the CPU")
     p.add_argument("--export", type=Path, default=None, help="write the EMA weights of --out's checkpoint here and exit")
     p.add_argument("--loss-summary", type=Path, default=None,
                    help="print 100-step means and seconds per step of a loss.csv and exit")
     p.add_argument("--init-from", type=Path, default=None,
-                   help="start a new run from a model folder's weights (e.g. the shipped one) with a fresh optimizer")
+                   help="start a new run from a model folder's weights (e.g. the shipped one) with a fresh optimizer; "
+                        "a v1 (32 px, patch 2) folder also starts a v2 run, its patch layers spread over 4 x 4")
     return p.parse_args(argv)
 
 
@@ -70,18 +74,22 @@ def main(argv=None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train: error: --device cuda, but this torch has no CUDA device")
+    style = get_style(args.style)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.out / "checkpoint.pt"
 
     torch.manual_seed(args.seed)
-    model = build_transformer()
+    model = build_transformer(style)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     data_rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -94,10 +102,18 @@ def main(argv=None) -> None:
 
         start = SD3Transformer2DModel.from_pretrained(args.init_from / "transformer", local_files_only=True,
                                                       use_safetensors=True, torch_dtype=torch.float32)
-        model.load_state_dict(start.state_dict())
-        ema.load_state_dict(start.state_dict())
+        weights = adapt_patch_size(start.state_dict(), start.config.patch_size, model.config.patch_size)
+        model.load_state_dict(weights)
+        ema.load_state_dict(weights)
         print(f"starting from the weights in {args.init_from}")
-    encoder = SceneTextEncoder()
+    model.to(device)
+    ema.to(device)
+    if ckpt_path.exists():  # the optimizer state was loaded on the CPU
+        for value in opt.state.values():
+            for key, tensor in value.items():
+                if torch.is_tensor(tensor) and key != "step":
+                    value[key] = tensor.to(device)
+    encoder = SceneTextEncoder(max_tokens=style.max_tokens).to(device)
     empty_tokens, empty_pooled = encoder([""])
 
     log_path = args.out / "loss.csv"
@@ -106,22 +122,23 @@ def main(argv=None) -> None:
     writer = csv.writer(log)
     if new_log:
         writer.writerow(["step", "loss", "seconds"])
-    (args.out / "args.json").write_text(json.dumps({**vars(args), "config": TRANSFORMER_CONFIG}, indent=1, default=str))
+    (args.out / "args.json").write_text(json.dumps({**vars(args), "config": transformer_config(style)}, indent=1, default=str))
 
     model.train()
     started = time.time() - (0.0 if new_log else last_logged_seconds(log_path))  # a resumed run keeps counting
     bar = tqdm(total=args.steps, initial=step, desc="training", smoothing=0.05)
     while step < args.steps:
-        images, masks, captions, _ = make_batch(data_rng, args.batch_size)
-        x0 = torch.from_numpy(images)
-        weight = 1.0 + args.object_weight * torch.from_numpy(masks).unsqueeze(1)
+        images, masks, captions, _ = make_batch(data_rng, args.batch_size, style=style)
+        x0 = torch.from_numpy(images).to(device)
+        weight = 1.0 + args.object_weight * torch.from_numpy(masks).unsqueeze(1).to(device)
         tokens, pooled = encoder(captions)
-        drop = torch.rand(args.batch_size, generator=gen) < args.caption_dropout
+        # Random draws stay on the CPU generator (same numbers on any device), then move.
+        drop = (torch.rand(args.batch_size, generator=gen) < args.caption_dropout).to(device)
         tokens = torch.where(drop[:, None, None], empty_tokens, tokens)
         pooled = torch.where(drop[:, None], empty_pooled, pooled)
 
-        t = logit_normal(args.batch_size, gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        t = logit_normal(args.batch_size, gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         target = noise - x0
         for group in opt.param_groups:
@@ -137,20 +154,52 @@ def main(argv=None) -> None:
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
         step += 1
-        writer.writerow([step, f"{loss.item():.5f}", f"{time.time() - started:.1f}"])
+        loss_value = loss.item()
+        writer.writerow([step, f"{loss_value:.5f}", f"{time.time() - started:.1f}"])
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % args.save_every == 0 or step == args.steps:
             log.flush()
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save(
-                {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "data_rng": data_rng.getstate(), "gen": gen.get_state(), "step": step},
+                {"model": _to_cpu(model.state_dict()), "ema": _to_cpu(ema.state_dict()),
+                 "opt": _to_cpu(opt.state_dict()), "data_rng": data_rng.getstate(), "gen": gen.get_state(),
+                 "step": step, "style": style.name},
                 tmp,
             )
             os.replace(tmp, ckpt_path)  # never a half-written checkpoint
     bar.close()
     log.close()
+
+
+def _to_cpu(tree):
+    if torch.is_tensor(tree):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_to_cpu(v) for v in tree]
+    return tree
+
+
+def adapt_patch_size(weights: dict, old: int, new: int) -> dict:
+    """Weights of a patch-`old` model for a patch-`new` one (new a multiple of old) that computes the same
+    function on images upsampled by new / old: each old pixel's patch weights spread over its block."""
+    if old == new:
+        return weights
+    if new % old:
+        raise ValueError(f"cannot start a patch-{new} model from patch-{old} weights")
+    k = new // old
+    out = dict(weights)
+    conv = weights["pos_embed.proj.weight"]  # (width, channels, old, old)
+    out["pos_embed.proj.weight"] = conv.repeat_interleave(k, 2).repeat_interleave(k, 3) / (k * k)
+    # proj_out rows are ordered (p, q, channel); row (p, q, c) of the new model copies (p // k, q // k, c).
+    channels = weights["proj_out.weight"].shape[0] // (old * old)
+    p, q, c = torch.meshgrid(torch.arange(new), torch.arange(new), torch.arange(channels), indexing="ij")
+    source = (((p // k) * old + q // k) * channels + c).flatten()
+    out["proj_out.weight"] = weights["proj_out.weight"][source]
+    out["proj_out.bias"] = weights["proj_out.bias"][source]
+    return out
 
 
 def summarise_loss(log: Path, window: int = 100) -> None:
@@ -196,10 +245,11 @@ def export_checkpoint(checkpoint: Path, folder: Path) -> None:
 
     from specdiff.reference.pipeline import export_pipeline, write_checksums
 
-    state = torch.load(checkpoint, weights_only=False)
-    model = build_transformer()
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+    style = get_style(state.get("style", "v1"))
+    model = build_transformer(style)
     model.load_state_dict(state["ema"])
-    export_pipeline(model, folder)
+    export_pipeline(model, folder, style=style)
     log = checkpoint.parent / "loss.csv"
     if log.exists():
         (folder / "training").mkdir(exist_ok=True)

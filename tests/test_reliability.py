@@ -1,0 +1,308 @@
+"""Nothing silently wrong: threads, randomness, invalid values, weights files, replaced parts, pickling."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import math
+import pickle
+import shutil
+import threading
+import typing
+
+import pytest
+import torch
+
+import specdiff
+from specdiff.policies.registry import POLICIES
+from specdiff.tiny_pipelines import tiny_sd3_pipeline
+
+STEPS = 6
+FAST = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(), speculative_steps=2)
+
+
+def run(pipe, seed=0, **extra):
+    args = dict(prompt="a red cat", num_inference_steps=STEPS, height=64, width=64, output_type="pt",
+                generator=torch.Generator().manual_seed(seed))
+    args.update(extra)
+    return pipe(**args).images
+
+
+@pytest.fixture()
+def sd3():
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sharing(pipe):
+    """A second stock pipeline object that shares `pipe`'s transformer and encoders (its own scheduler:
+    diffusers' schedulers hold per-generation state)."""
+    other = type(pipe)(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)})
+    other.set_progress_bar_config(disable=True)
+    return other
+
+
+# -- threads -------------------------------------------------------------------
+
+def test_a_plain_pipeline_sharing_the_transformer_runs_plain_from_another_thread(sd3):
+    plain_pipe = _sharing(sd3)
+    expected_plain = run(plain_pipe)
+    specdiff.enable(sd3, FAST)
+    try:
+        expected_fast = run(sd3)
+        paused, resume = threading.Event(), threading.Event()
+
+        def pause_mid_generation(pipe, step, timestep, kwargs):
+            if step == 2 and not paused.is_set():
+                paused.set()
+                assert resume.wait(60)
+            return kwargs
+
+        results = {}
+        fast_thread = threading.Thread(target=lambda: results.setdefault(
+            "fast", run(sd3, callback_on_step_end=pause_mid_generation)))
+        fast_thread.start()
+        assert paused.wait(60)
+        # the accelerated generation is mid-way (its caches live); the plain one runs meanwhile
+        plain_thread = threading.Thread(target=lambda: results.setdefault("plain", run(plain_pipe)))
+        plain_thread.start()
+        plain_thread.join(60)
+        resume.set()
+        fast_thread.join(60)
+    finally:
+        specdiff.disable(sd3)
+    torch.testing.assert_close(results["plain"], expected_plain, rtol=0, atol=0)
+    torch.testing.assert_close(results["fast"], expected_fast, rtol=0, atol=0)
+
+
+def test_one_enabled_pipeline_used_from_two_threads_at_once_is_refused(sd3):
+    specdiff.enable(sd3, FAST)
+    try:
+        paused, resume = threading.Event(), threading.Event()
+
+        def pause(pipe, step, timestep, kwargs):
+            if step == 1 and not paused.is_set():
+                paused.set()
+                assert resume.wait(60)
+            return kwargs
+
+        first = {}
+        thread = threading.Thread(target=lambda: first.setdefault("images", run(sd3, callback_on_step_end=pause)))
+        thread.start()
+        assert paused.wait(60)
+        errors = []
+        second = threading.Thread(target=lambda: _record_error(errors, lambda: run(sd3)))
+        second.start()
+        second.join(60)
+        resume.set()
+        thread.join(60)
+        assert len(errors) == 1 and "another thread" in str(errors[0])
+        assert first["images"].shape == (1, 3, 64, 64)
+        torch.testing.assert_close(run(sd3), first["images"], rtol=0, atol=0)  # usable again afterwards
+    finally:
+        specdiff.disable(sd3)
+
+
+def _record_error(errors, call):
+    try:
+        call()
+    except RuntimeError as error:
+        errors.append(error)
+
+
+# -- randomness ----------------------------------------------------------------
+
+def test_speculation_never_rewinds_the_global_random_state(sd3, monkeypatch):
+    restores = []
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: restores.append(state))
+    monkeypatch.setattr(torch.random, "set_rng_state", lambda state: restores.append(state))
+    specdiff.enable(sd3, FAST)
+    try:
+        run(sd3, generator=None)
+    finally:
+        specdiff.disable(sd3)
+    assert restores == []
+
+
+@pytest.mark.parametrize("use_generator", [True, False])
+def test_random_numbers_advance_exactly_as_in_plain_diffusers(sd3, use_generator):
+    def one(enabled):
+        torch.manual_seed(123)
+        generator = torch.Generator().manual_seed(7) if use_generator else None
+        if enabled:
+            specdiff.enable(sd3, FAST)
+        try:
+            images = run(sd3, generator=generator)
+        finally:
+            if enabled:
+                specdiff.disable(sd3)
+        after = generator.get_state() if use_generator else None
+        return images, torch.rand(4), after
+
+    _, plain_next, plain_after = one(False)
+    fast_images, fast_next, fast_after = one(True)
+    assert torch.equal(plain_next, fast_next)  # the global generator moved exactly as in diffusers
+    if use_generator:
+        assert torch.equal(plain_after, fast_after)
+    # the speculative pass saw the same initial noise as the real pass
+    torch.manual_seed(123)
+    specdiff.enable(sd3, FAST)
+    try:
+        seeded = run(sd3, generator=torch.Generator().manual_seed(7 if use_generator else 123))
+    finally:
+        specdiff.disable(sd3)
+    torch.testing.assert_close(seeded, fast_images, rtol=0, atol=0)
+
+
+# -- invalid values ------------------------------------------------------------
+
+def _fields_of(kind):
+    for name, (config_type, _) in POLICIES.items():
+        hints = typing.get_type_hints(config_type)
+        for field in dataclasses.fields(config_type):
+            if hints[field.name] is kind:
+                yield name, field.name
+
+
+@pytest.mark.parametrize("method, field", list(_fields_of(float)))
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "0.5", True])
+def test_float_fields_refuse_nan_and_non_numbers(method, field, value):
+    with pytest.raises(specdiff.ConfigError, match=field):
+        specdiff.config_for(method, **{field: value})
+
+
+@pytest.mark.parametrize("method, field", list(_fields_of(bool)))
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None])
+def test_bool_fields_refuse_non_bools(method, field, value):
+    with pytest.raises(specdiff.ConfigError, match=field):
+        specdiff.config_for(method, **{field: value})
+
+
+def test_a_subclass_of_a_registered_config_is_accepted(sd3):
+    @dataclasses.dataclass(frozen=True)
+    class MyConfig(specdiff.FORAConfig):
+        pass
+
+    specdiff.enable(sd3, MyConfig(interval=2))
+    try:
+        run(sd3)
+        assert specdiff.summary(sd3).method == "fora"
+    finally:
+        specdiff.disable(sd3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=-1), "seed"), (dict(seed=2**70), "seed"), (dict(seed="0"), "seed"), (dict(seed=1.5), "seed"),
+    (dict(num_inference_steps=0), "num_inference_steps"), (dict(num_inference_steps=2.0), "num_inference_steps"),
+])
+def test_enable_checks_its_own_arguments_at_once(sd3, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        specdiff.enable(sd3, FAST, **kwargs)
+    assert not specdiff.is_enabled(sd3)
+
+
+# -- bounded state ---------------------------------------------------------------
+
+def test_a_bare_transformer_keeps_bounded_state_over_many_one_step_calls(sd3):
+    transformer = sd3.transformer
+    specdiff.enable(transformer, specdiff.RASConfig(warmup_steps=1), num_inference_steps=1)
+    args = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 8, 64),
+                pooled_projections=torch.randn(1, 64), timestep=torch.tensor([1000.0]))
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    try:
+        with torch.no_grad():
+            for _ in range(5):
+                transformer(**args)
+            before = live_tensors()
+            for _ in range(100):
+                transformer(**args)
+            after = live_tensors()
+    finally:
+        specdiff.disable(transformer)
+    assert after <= before
+
+
+# -- weights files -----------------------------------------------------------------
+
+@pytest.fixture()
+def model_copy(tmp_path):
+    from specdiff.reference.pipeline import WEIGHTS_DIR
+
+    copy = tmp_path / "model"
+    shutil.copytree(WEIGHTS_DIR, copy)
+    return copy
+
+
+def _sums(folder):
+    return folder / "SHA256SUMS"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: _sums(f).write_text(""), "no line"),
+    (lambda f: _sums(f).write_text("\n".join(l for l in _sums(f).read_text().splitlines()
+                                             if "safetensors" not in l) + "\n"), "no line"),
+    (lambda f: _sums(f).write_text(_sums(f).read_text() + "not a checksum line\n"), "line"),
+    (lambda f: _sums(f).write_text(_sums(f).read_text() + "0" * 64 + "  /dev/zero\n"), "outside"),
+    (lambda f: _sums(f).write_text(_sums(f).read_text() + "0" * 64 + "  ../../etc/passwd\n"), "outside"),
+])
+def test_weights_checks_have_no_gaps(model_copy, damage, message):
+    from specdiff.reference.pipeline import CorruptModelError, load_scene_pipeline
+
+    damage(model_copy)
+    with pytest.raises(CorruptModelError, match=message):
+        load_scene_pipeline(model_copy)
+
+
+def test_a_linked_or_special_model_file_is_refused_before_reading(model_copy, tmp_path):
+    from specdiff.reference.pipeline import CorruptModelError, load_scene_pipeline
+
+    config = model_copy / "scheduler" / "scheduler_config.json"
+    outside = tmp_path / "elsewhere.json"
+    shutil.move(config, outside)
+    config.symlink_to(outside)
+    with pytest.raises(CorruptModelError, match="symbolic link"):
+        load_scene_pipeline(model_copy)
+    config.unlink()
+    config.symlink_to("/dev/zero")
+    with pytest.raises(CorruptModelError, match="symbolic link"):
+        load_scene_pipeline(model_copy)
+
+
+# -- replaced parts, pickling, other caches ------------------------------------------
+
+def test_a_replaced_transformer_is_named_and_disable_still_restores(sd3):
+    original_class = type(sd3)
+    old = sd3.transformer
+    specdiff.enable(sd3, FAST)
+    sd3.transformer = tiny_sd3_pipeline().transformer
+    with pytest.raises(RuntimeError, match="replaced"):
+        run(sd3)
+    specdiff.disable(sd3)
+    assert type(sd3) is original_class and not specdiff.is_enabled(old)
+    assert "forward" not in vars(old)
+    run(sd3)  # plain again
+
+
+def test_pickling_an_enabled_pipeline_says_to_disable_first(sd3):
+    specdiff.enable(sd3, FAST)
+    try:
+        with pytest.raises(TypeError, match="disable"):
+            pickle.dumps(sd3)
+    finally:
+        specdiff.disable(sd3)
+
+
+@pytest.mark.parametrize("peer", ["diffusers-taylorseer"])
+def test_stacking_on_another_cache_is_refused_in_one_line(sd3, peer):
+    from specdiff.evaluation.peers import diffusers_cache
+
+    with diffusers_cache(sd3, peer, {}):
+        with pytest.raises(RuntimeError, match="diffusers"):
+            specdiff.enable(sd3, FAST)
+    assert not specdiff.is_enabled(sd3)

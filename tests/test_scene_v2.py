@@ -1,0 +1,160 @@
+"""V2 scenes (open detail, 64 px, up to three objects), the strict scene metric, and the two readers."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from specdiff.reference import scenes
+from specdiff.reference.alignment import chance_level, lenient_accuracy, strict_accuracy, strict_hits
+from specdiff.reference.scenes import V1, V2, Scene, SceneObject
+
+RED_CIRCLE = SceneObject("red", "circle", "large", "top left")
+BLUE_RING = SceneObject("blue", "ring", "small", "bottom right")
+
+
+def test_strict_metric_needs_the_asked_object_in_its_cell_and_nothing_else():
+    asked = Scene("white", (RED_CIRCLE, BLUE_RING))
+    assert strict_hits(asked, asked)["exact"] == 1
+    extra = Scene("white", (RED_CIRCLE, BLUE_RING, SceneObject("green", "square", "small", "center")))
+    scored = strict_hits(asked, extra)
+    assert scored["exact"] == 0 and scored["unasked"] == 1
+    assert all(v == [1, 1] for k, v in scored["hits"].items() if k != "background")
+    # the lenient score credits a colour found anywhere; the strict one only in the asked cell
+    elsewhere = Scene("white", (dataclasses.replace(RED_CIRCLE, position="center"), BLUE_RING))
+    assert strict_hits(asked, elsewhere)["hits"]["colour"] == [0, 1]
+    assert lenient_accuracy([asked], [elsewhere])["colour"] == 1.0
+    # an unnamed size is not scored; an unnamed position matches the object anywhere
+    loose = Scene("white", (dataclasses.replace(RED_CIRCLE, says_size=False, says_position=False),))
+    drawn = Scene("white", (dataclasses.replace(RED_CIRCLE, size="small", position="bottom"),))
+    scored = strict_hits(loose, drawn)
+    assert scored["exact"] == 1 and scored["hits"]["size"] == [] and scored["hits"]["position"] == []
+
+
+def test_chance_level_scores_other_prompts_images():
+    prompts = scenes.held_out_prompts(12, style=V2)
+    assert strict_accuracy(prompts, prompts)["exact_scene"] == 1.0
+    chance = chance_level(prompts, prompts)
+    assert chance["exact_scene"] < 0.2 and chance["colour"] < 0.5
+
+
+def test_v2_prompt_sets_are_stratified_and_captions_parse_back():
+    prompts = scenes.held_out_prompts(30, style=V2)
+    counts = sorted(len(s.objects) for s in prompts)
+    assert counts.count(1) == counts.count(2) == counts.count(3) == 10
+    assert all((p.objects[0].colour, p.objects[0].shape) in scenes.HELD_OUT_PAIRS for p in prompts)
+    rng = random.Random(3)
+    for _ in range(500):
+        scene = scenes.sample_scene(rng, "train", V2)
+        parsed = scenes.parse_caption(scene.caption())
+        assert parsed is not None and parsed.background == scene.background
+        assert [(o.colour, o.shape, o.says_size, o.says_position) for o in parsed.objects] == \
+            [(o.colour, o.shape, o.says_size, o.says_position) for o in scene.objects]
+    assert scenes.parse_caption("a photo of a dog") is None
+
+
+def test_v2_renders_have_open_detail_and_keep_v1_unchanged():
+    def spread(style):
+        """Mean pixel difference between two renders of the same caption, over 20 captions."""
+        rng = random.Random(5)
+        diffs = []
+        for _ in range(20):
+            scene = scenes.sample_scene(rng, "train", style)
+            a, b = (scenes.render(scene, random.Random(seed), style=style) for seed in (1, 2))
+            diffs.append(np.abs(a - b).mean())
+        return float(np.mean(diffs))
+
+    assert scenes.render(Scene("white", (RED_CIRCLE,)), style=V2).shape == (64, 64, 3)
+    assert spread(V2) > 2 * spread(V1)  # one caption, many images
+    # V1's data stream is what the shipped v1 weights were trained on: unchanged
+    images, _, captions, _ = scenes.make_batch(random.Random(3), 4)
+    assert images.shape == (4, 3, 32, 32)
+    assert captions[0] == scenes.make_batch(random.Random(3), 1)[2][0]
+
+
+def test_training_never_renders_held_out_fills():
+    rng = random.Random(0)
+    drawn = {scenes._object_fill(shape, rng, "train") for shape in scenes.SHAPES for _ in range(50)}
+    assert drawn <= set(scenes.OBJECT_FILLS)
+    for shape in scenes.SHAPES:
+        assert all((scenes._object_fill(shape, rng, "train"), shape) not in scenes.HELD_OUT_FILLS for _ in range(50))
+
+
+@pytest.mark.parametrize("style", [V1, V2], ids=["v1", "v2"])
+def test_pixel_reader_reads_clean_renders(style):
+    from specdiff.reference.pixel_reader import read_scene
+
+    rng = random.Random(11)
+    asked = [scenes.sample_scene(rng, "heldout" if i % 4 == 0 else "train", style) for i in range(160)]
+    asked = [dataclasses.replace(s, objects=tuple(dataclasses.replace(o, says_size=True, says_position=True)
+                                                  for o in s.objects)) for s in asked]
+    seen = [read_scene(scenes.render(s, rng, style=style)) for s in asked]
+    result = strict_accuracy(asked, seen)
+    assert result["exact_scene"] >= 0.94, result
+    assert all(result[k] >= 0.97 for k in ("background", "colour", "shape", "size", "position")), result
+
+
+def test_v2_checker_agrees_with_the_pixel_reader():
+    """Two independent readers (a CNN and pixel statistics) of the same fresh V2 renders."""
+    from specdiff.reference.checker import load_checker, read_images, render_batch
+    from specdiff.reference.pixel_reader import read_scene
+
+    rng = random.Random(2027)
+    asked = [scenes.sample_scene(rng, "heldout" if i % 5 == 0 else "train", V2) for i in range(120)]
+    images = render_batch(asked, rng, style=V2)
+    by_checker = read_images(load_checker(V2), images)
+    by_pixels = [read_scene(img.permute(1, 2, 0).numpy()) for img in images]
+    agree = np.mean([(a.background, set(a.objects)) == (b.background, set(b.objects))
+                     for a, b in zip(by_checker, by_pixels)])
+    assert agree >= 0.93, agree
+    full = [dataclasses.replace(s, objects=tuple(dataclasses.replace(o, says_size=True, says_position=True)
+                                                 for o in s.objects)) for s in asked]
+    assert strict_accuracy(full, by_checker)["exact_scene"] >= 0.95
+
+
+def test_v2_model_starts_exactly_from_v1_weights():
+    from specdiff.reference.model import build_transformer
+    from specdiff.reference.pipeline import load_scene_pipeline
+    from specdiff.reference.train import adapt_patch_size
+
+    v1 = load_scene_pipeline().transformer
+    v2 = build_transformer(V2)
+    v2.load_state_dict(adapt_patch_size(v1.state_dict(), 2, 4))
+    x, tokens, pooled = torch.randn(2, 3, 32, 32), torch.randn(2, 24, 384), torch.randn(2, 384)
+    t = torch.tensor([300.0, 900.0])
+    with torch.no_grad():
+        small = v1(x, tokens, pooled, t).sample
+        large = v2(torch.nn.functional.interpolate(x, scale_factor=2), tokens, pooled, t).sample
+    torch.testing.assert_close(large, torch.nn.functional.interpolate(small, scale_factor=2), atol=2e-4, rtol=1e-4)
+
+
+def test_v2_training_runs_resumes_and_exports_small_shards(tmp_path):
+    from specdiff.reference.pipeline import load_scene_pipeline
+    from specdiff.reference.train import main as train
+
+    run = tmp_path / "run"
+    train(["--style", "v2", "--out", str(run), "--steps", "2", "--save-every", "1", "--batch-size", "2",
+           "--device", "cpu"])
+    train(["--style", "v2", "--out", str(run), "--steps", "3", "--save-every", "1", "--batch-size", "2"])
+    train(["--out", str(run), "--export", str(tmp_path / "model")])
+    shards = list((tmp_path / "model" / "transformer").glob("*.safetensors"))
+    assert shards and all(p.stat().st_size <= 16 * 2**20 for p in shards)
+    pipe = load_scene_pipeline(tmp_path / "model")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.style is V2
+    out = pipe("a large red circle, a small blue ring at the top and a green square on a white background",
+               num_inference_steps=2, output_type="pt").images
+    assert out.shape == (1, 3, 64, 64)
+
+
+def test_training_on_cuda_is_refused_clearly_without_a_gpu(tmp_path):
+    from specdiff.reference.train import main as train
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="no CUDA"):
+        train(["--style", "v2", "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cuda"])
