@@ -101,13 +101,18 @@ def load_pipeline(model: str | None, device: str, dtype_name: str):
     if class_name not in supported:
         raise CLIError(f"--model {model}: {class_name or 'unknown'} pipeline is not supported; supported: {', '.join(supported)}")
     import diffusers
+    from diffusers.utils import logging as diffusers_logging
 
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its own error lines would precede ours
     try:  # safetensors only: pickle weights (.bin) could run code when loaded
         pipe = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
                                                               use_safetensors=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CLIError(f"--model {model}: could not load it offline from safetensors files: {first_line}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     return pipe.to(device), f"{class_name} at {folder}"
 
 

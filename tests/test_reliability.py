@@ -306,3 +306,83 @@ def test_stacking_on_another_cache_is_refused_in_one_line(sd3, peer):
         with pytest.raises(RuntimeError, match="diffusers"):
             specdiff.enable(sd3, FAST)
     assert not specdiff.is_enabled(sd3)
+
+
+# -- the command line: one line, exit code 2, before any work, nothing written -----------
+
+def _cli_cases(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    return [
+        (["generate", "x", "--cache-ratio", "nan"], "cache_ratio"),
+        (["generate", "x", "--method", "toca", "--recompute-ratio", "nan"], "recompute_ratio"),
+        (["generate", "x", "--out", str(blocker / "sub")], "not a writable folder"),
+        (["generate", "x", "--height", "33"], "multiple of 2"),
+        (["generate", "x", "--height", "-32"], "--height"),
+        (["generate", "x", "--width", "0"], "--width"),
+        (["generate", "x", "--seed", str(2**70)], "--seed"),
+        (["generate", "x", "--device", "bogus"], "--device"),
+        (["generate", "x", "--model", str(broken)], "model_index.json"),
+        (["bench", "--num-prompts", "0"], "--num-prompts"),
+        (["bench", "--batch-size", "0"], "--batch-size"),
+        (["bench", "--prompts", str(binary), "--num-prompts", "1"], "UTF-8"),
+    ] + ([] if torch.cuda.is_available() else [(["generate", "x", "--device", "cuda"], "no CUDA")])
+
+
+def test_bad_command_lines_give_one_line_and_write_nothing(tmp_path, capsys):
+    from specdiff.cli import main
+
+    for argv, message in _cli_cases(tmp_path):
+        out = tmp_path / "out"
+        argv = argv if "--out" in argv else argv + ["--out", str(out)]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("specdiff: error:") and "\n" not in err and message in err, (argv, err)
+        assert not out.exists(), argv
+
+
+def test_pickle_weights_in_a_model_folder_are_refused(tmp_path, capsys):
+    from specdiff.cli import main
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3", safe_serialization=False)
+    capsys.readouterr()
+    assert main(["generate", "x", "--model", str(tmp_path / "sd3"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # loading bars may come first
+    assert last.startswith("specdiff: error:") and "safetensors" in last and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_ends_with_one_line_and_exit_code_130(monkeypatch, tmp_path, capsys):
+    import specdiff.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_pipeline", interrupted)
+    assert cli.main(["generate", "x", "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip() == "specdiff: interrupted"
+
+
+def test_an_interrupted_bench_never_looks_finished(monkeypatch, tmp_path):
+    import specdiff.evaluation.benchmark as bench
+    from specdiff.cli import main
+
+    out = tmp_path / "bench"
+    args = ["bench", "--model", "tiny-sd3", "--methods", "full", "fora", "--num-prompts", "1", "--steps", "3",
+            "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "results.json").exists()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "image_grid", interrupted)
+    assert main(args) == 130
+    assert not (out / "results.json").exists()  # the old run's results are gone, the new one's never arrived
+    assert not [p for p in out.iterdir() if p.name.startswith(".partial")]
