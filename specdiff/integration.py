@@ -186,14 +186,6 @@ def _call_arguments(pipe, args, kwargs) -> inspect.BoundArguments:
     return bound
 
 
-def _uses_cfg(pipe, arguments: dict) -> int:
-    """2 when the pipeline batches [uncond, cond] rows in one transformer call."""
-    scale = arguments.get("guidance_scale")
-    if scale is None or getattr(pipe.transformer.config, "guidance_embeds", False):
-        return 1  # FLUX: guidance is embedded, or true CFG runs a second call
-    return 2 if scale > 1 else 1
-
-
 def _generator_copy(generator: torch.Generator) -> torch.Generator:
     copy = torch.Generator(device=generator.device)
     copy.set_state(generator.get_state())
@@ -235,7 +227,7 @@ def _accelerated_call(pipe, *args, **kwargs):
         num_steps = len(arguments["timesteps"])
     if arguments.get("sigmas") is not None:
         num_steps = len(arguments["sigmas"])
-    runtime.start_generation(int(num_steps), cfg_groups=_uses_cfg(pipe, arguments))
+    runtime.start_generation(int(num_steps), cfg_groups=state.adapter.cfg_groups(arguments))
     try:
         with _prompts_encoded_once(pipe):
             if runtime.policy.speculative_steps > 0:
@@ -295,7 +287,7 @@ def _speculate(pipe, base_call, arguments: dict, runtime: Runtime) -> None:
         if key in spec_args:
             spec_args[key] = None
     if not runtime.policy.speculative_cfg:
-        if _uses_cfg(pipe, arguments) == 2:
+        if runtime.cfg_groups == 2:
             spec_args["guidance_scale"] = 1.0  # conditional rows only
         if (spec_args.get("true_cfg_scale") or 1.0) > 1.0:
             spec_args["true_cfg_scale"] = 1.0  # FLUX: no negative branch

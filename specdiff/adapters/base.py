@@ -1,16 +1,34 @@
-"""What a model adapter does: split a transformer into embed -> blocks -> head,
-run it on the image tokens the engine picks, and swap its attention processors.
+"""What a model adapter does: wire the engine into a stock transformer without replacing its forward.
 
-Install touches one instance: it sets an instance attribute `forward` (the
-class is never changed) and replaces the attention processors; uninstall
-deletes the attribute and puts the original processor objects back.
+The stock forward (with its decorators, e.g. diffusers' LoRA scale, and any
+hooks other libraries put around it, e.g. accelerate's offloading) stays in
+charge. specdiff adds, on the one instance:
+
+- a forward pre-hook on the transformer: reads the timestep and refuses
+  arguments the engine cannot honour;
+- a forward hook on the family's embedding module: the engine plans the step
+  (`begin_step`) and the hook returns only the image tokens that run;
+- a forward hook on the family's output projection: the engine fills in the
+  tokens that did not run (`end_step`) and the stock code un-patchifies the
+  full grid;
+- its attention processors (keys/values of all image tokens from the cache);
+- for block-level policies only, a diffusers `ModelHook` per block, so a
+  policy can stand in for a block.
+
+`uninstall` removes exactly these, whatever else was added or removed since.
+A family declares its pieces: the module names, its block lists, how its
+pipelines lay out classifier-free guidance, and its processor.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from specdiff.engine.runtime import Runtime
+
+_BLOCK_HOOK = "specdiff_block"
 
 
 def gather_tokens(tokens: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
@@ -38,42 +56,139 @@ def on_tokens(context, active: torch.Tensor | None, run):
         context.active = previous
 
 
+class _BlockHook:
+    """A diffusers ModelHook (duck-typed: HookRegistry needs only these members) that lets a
+    block-level policy run, reuse or extrapolate one transformer block."""
+
+    _is_stateful = False
+
+    def __init__(self, adapter: "Adapter", index: int, count: int) -> None:
+        self.fn_ref = None
+        self.adapter, self.index, self.count = adapter, index, count
+        self.signature = None
+
+    def initialize_hook(self, module):
+        self.signature = inspect.signature(module.forward)
+        return module
+
+    def deinitalize_hook(self, module):  # diffusers' spelling
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        return output
+
+    def new_forward(self, module, *args, **kwargs):
+        runtime = self.adapter.runtime
+        arguments = self.signature.bind(*args, **kwargs).arguments
+        tokens, text = arguments.pop("hidden_states"), arguments.pop("encoder_hidden_states")
+        original = self.fn_ref.original_forward
+        context = runtime.context
+
+        def block(x, c, active=None):  # `active`: ToCa runs a subset of a dense step's tokens
+            return on_tokens(context, active, lambda: original(hidden_states=x, encoder_hidden_states=c, **arguments))
+
+        return runtime.run_block(self.index, self.count, block, tokens, text)
+
+
 class Adapter:
-    """One per model family. Subclasses set `model_types` and implement the three hooks."""
+    """One per model family: the pieces of its transformer the engine hooks into."""
 
     model_types: tuple[type, ...] = ()
-    family = ""
+    embed_module = ""  # its output: the (B, N, D) image tokens
+    head_module = ""  # its output: the (B, N, P) per-token outputs, before un-patchifying
+    block_lists: tuple[str, ...] = ()  # block list attributes, in call order
+    timestep_scale = 1.0  # the runtime's timesteps in the 0-1000 range of the summaries
+    refused_arguments: dict[str, str] = {}  # forward argument -> what specdiff does not accelerate yet
 
     @classmethod
     def supports(cls, model) -> bool:
         return isinstance(model, cls.model_types)
 
+    @staticmethod
+    def cfg_groups(arguments: dict) -> int:
+        """How the family's pipelines lay out classifier-free guidance, from the call's arguments:
+        2 when one transformer call holds [uncond, cond] rows, 1 otherwise."""
+        raise NotImplementedError
+
     def __init__(self, model: torch.nn.Module, runtime: Runtime) -> None:
         self.model = model
         self.runtime = runtime
         self._original_processors = None
+        self._handles = []
+        self._hooked_blocks = []
+        self._signature = inspect.signature(type(model).forward)
 
     def make_processor(self, layer_name: str, layer_index: int):
         raise NotImplementedError
 
-    def accelerated_forward(self, *args, **kwargs):
-        raise NotImplementedError
+    # -- hooks -----------------------------------------------------------------
+    def _on_call(self, module, args, kwargs):
+        arguments = self._signature.bind(module, *args, **kwargs).arguments
+        for name, what in self.refused_arguments.items():
+            value = arguments.get(name)
+            if value is not None and value is not False and not (isinstance(value, (list, tuple)) and not value):
+                raise NotImplementedError(f"specdiff does not accelerate {type(module).__name__} with {what} yet")
+        attention_kwargs = arguments.get("joint_attention_kwargs") or {}
+        if "ip_adapter_image_embeds" in attention_kwargs:
+            raise NotImplementedError(f"specdiff does not accelerate {type(module).__name__} with an IP-Adapter yet")
+        context = self.runtime.context  # per thread: a plain call elsewhere cannot change it
+        context.timestep = timestep_value(arguments["timestep"]) * self.timestep_scale
+        text = arguments.get("encoder_hidden_states")
+        context.text_length = text.shape[1] if text is not None else 0
+        return None
+
+    def _on_embed(self, module, args, tokens):
+        timestep = self.runtime.context.timestep
+        active = self.runtime.begin_step(timestep, tokens.shape[0], tokens.shape[1], tokens.device)
+        return gather_tokens(tokens, active)
+
+    def _on_head(self, module, args, outputs):
+        return self.runtime.end_step(outputs)
+
+    # -- install / uninstall ---------------------------------------------------------
+    def blocks(self) -> list[torch.nn.Module]:
+        return [block for name in self.block_lists for block in getattr(self.model, name)]
 
     def install(self) -> None:
-        if "forward" in vars(self.model):
-            raise RuntimeError(
-                f"{type(self.model).__name__} already has an instance-level forward (another cache library?); "
-                "remove it before enabling specdiff"
-            )
-        self._original_processors = dict(self.model.attn_processors)
-        processors = {
-            name: self.make_processor(name, index) for index, name in enumerate(self._original_processors)
-        }
-        self.model.set_attn_processor(processors)
-        self.model.forward = self.accelerated_forward
+        model = self.model
+        self._original_processors = dict(model.attn_processors)
+        processors = {}
+        for index, name in enumerate(self._original_processors):
+            processor = self.make_processor(name, index)
+            backend = getattr(self._original_processors[name], "_attention_backend", None)
+            if hasattr(processor, "_attention_backend") and backend is not None:
+                processor._attention_backend = backend  # a backend chosen before enable stays chosen
+            processors[name] = processor
+        model.set_attn_processor(processors)
+        self._handles = [
+            model.register_forward_pre_hook(self._on_call, with_kwargs=True),
+            model.get_submodule(self.embed_module).register_forward_hook(self._on_embed),
+            model.get_submodule(self.head_module).register_forward_hook(self._on_head),
+        ]
+        if self.runtime.policy.block_level:
+            from diffusers.hooks import HookRegistry
+
+            blocks = self.blocks()
+            for index, block in enumerate(blocks):
+                HookRegistry.check_if_exists_or_initialize(block).register_hook(
+                    _BlockHook(self, index, len(blocks)), _BLOCK_HOOK)
+                self._hooked_blocks.append(block)
 
     def uninstall(self) -> None:
-        vars(self.model).pop("forward", None)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for block in self._hooked_blocks:
+            block._diffusers_hook.remove_hook(_BLOCK_HOOK, recurse=False)
+        self._hooked_blocks = []
         if self._original_processors is not None:
+            current = self.model.attn_processors
+            for name, original in self._original_processors.items():
+                backend = getattr(current.get(name), "_attention_backend", None)
+                if backend is not None and hasattr(original, "_attention_backend"):
+                    original._attention_backend = backend  # a backend chosen while enabled stays chosen
             self.model.set_attn_processor(self._original_processors)
             self._original_processors = None

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from specdiff.adapters.base import Adapter, gather_tokens, on_tokens, timestep_value
+from specdiff.adapters.base import Adapter
 from specdiff.engine.attention import AttentionContext, merge_image_kv, tap_attention
 
 
@@ -68,52 +67,19 @@ class SD3TokenCachingProcessor:
 
 
 class SD3Adapter(Adapter):
+    """SD3 / SD3.5 / the embedded model: patch embedding with positions, joint blocks, a linear head."""
+
     model_types = (SD3Transformer2DModel,)
-    family = "sd3"
+    embed_module = "pos_embed"  # positions are added here, so gathered tokens keep theirs
+    head_module = "proj_out"
+    block_lists = ("transformer_blocks",)
+    refused_arguments = {"block_controlnet_hidden_states": "ControlNet", "skip_layers": "skip_layers"}
+
+    @staticmethod
+    def cfg_groups(arguments: dict) -> int:
+        # every SD3-family pipeline (and the embedded model's) batches [uncond, cond] when guidance_scale > 1
+        scale = arguments.get("guidance_scale")
+        return 2 if scale is not None and scale > 1 else 1
 
     def make_processor(self, layer_name: str, layer_index: int):
         return SD3TokenCachingProcessor(self.runtime.context, layer_name, layer_index)
-
-    def accelerated_forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor = None,
-        pooled_projections: torch.Tensor = None,
-        timestep: torch.Tensor = None,
-        block_controlnet_hidden_states: list | None = None,
-        joint_attention_kwargs: dict | None = None,
-        return_dict: bool = True,
-        skip_layers: list[int] | None = None,
-    ):
-        model = self.model
-        if block_controlnet_hidden_states is not None or skip_layers:
-            raise NotImplementedError("specdiff does not accelerate SD3 with ControlNet or skip_layers yet")
-        if joint_attention_kwargs and "ip_adapter_image_embeds" in joint_attention_kwargs:
-            raise NotImplementedError("specdiff does not accelerate SD3 with an IP-Adapter yet")
-        height, width = hidden_states.shape[-2:]
-        tokens = model.pos_embed(hidden_states).contiguous()  # positions added here
-        temb = model.time_text_embed(timestep, pooled_projections)
-        text = model.context_embedder(encoder_hidden_states)
-        batch, num_tokens = tokens.shape[:2]
-        active = self.runtime.begin_step(timestep_value(timestep), batch, num_tokens, tokens.device)
-        tokens = gather_tokens(tokens, active)
-        blocks = model.transformer_blocks
-        context = self.runtime.context
-
-        def runner(block):
-            # block(x, c, active) runs it on image tokens x; `active` names them when a
-            # block-level policy (ToCa) runs a subset of the tokens of a dense step
-            return lambda x, c, active=None: on_tokens(context, active, lambda: block(
-                hidden_states=x, encoder_hidden_states=c, temb=temb, joint_attention_kwargs=joint_attention_kwargs))
-
-        for index, block in enumerate(blocks):
-            text, tokens = self.runtime.run_block(index, len(blocks), runner(block), tokens, text)
-        tokens = model.proj_out(model.norm_out(tokens, temb))
-        tokens = self.runtime.end_step(tokens)
-        patch = model.config.patch_size
-        grid_h, grid_w = height // patch, width // patch
-        tokens = tokens.reshape(batch, grid_h, grid_w, patch, patch, model.out_channels)
-        output = torch.einsum("nhwpqc->nchpwq", tokens).reshape(batch, model.out_channels, height, width)
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)

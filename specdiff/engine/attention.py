@@ -36,6 +36,9 @@ class AttentionContext(threading.local):
     tap_include_text: bool = False
     tap_sum: torch.Tensor | None = None  # (B, N) attention received, summed over layers
     tap_seconds: float = 0.0  # host time spent in taps this step (counted as scoring)
+    timestep: float = 0.0  # of the transformer call in progress
+    text_length: int = 0  # text tokens of the call in progress
+    memo: tuple | None = None  # (key, value): a family's per-step derived tensor (e.g. FLUX's RoPE rows)
 
 
 def merge_image_kv(

@@ -178,6 +178,7 @@ class Runtime:
         self._plan = None
         self.context.enabled = False
         self.context.kv = None
+        self.context.memo = None
         self.context.active = None
         self.context.tap_sum = None
 
