@@ -34,7 +34,39 @@ def _methods_table() -> str:
     return "\n".join(lines)
 
 
+def _config_fields() -> dict[str, list[tuple[str, dataclasses.Field, type]]]:
+    """Every config field of every registered method: name -> [(method, field, type)]."""
+    import typing
+
+    from specdiff.policies.registry import POLICIES
+
+    fields: dict[str, list] = {}
+    for method, (config_type, _) in POLICIES.items():
+        hints = typing.get_type_hints(config_type)
+        for field in dataclasses.fields(config_type):
+            fields.setdefault(field.name, []).append((method, field, hints[field.name]))
+    return fields
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per config field, generated from the dataclasses (so no field is missing)."""
+    group = parser.add_argument_group("method settings (each applies to the methods named in its help)")
+    for name, uses in _config_fields().items():
+        kind = uses[0][2]
+        where = ", ".join(f"{method} (default {field.default!r})" for method, field, _ in uses)
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, dest=name, choices=["on", "off"], help=f"{where}")
+        elif kind in (int, float, str):
+            group.add_argument(flag, dest=name, type=kind, help=where)
+        else:  # step lists
+            group.add_argument(flag, dest=name, type=int, nargs="*", help=f"{where}; step indices")
+    group.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
+                       help="any config field, written as in `specdiff bench` (e.g. --set reset_steps=12/22)")
+
+
 def _build_config(args):
+    from specdiff.evaluation.benchmark import _parse_value
     from specdiff.policies.base import ConfigError
     from specdiff.policies.registry import POLICIES, config_for
 
@@ -42,27 +74,25 @@ def _build_config(args):
         raise CLIError(f"--method must be one of {', '.join(POLICIES)}, got {args.method!r}")
     names = {f.name for f in dataclasses.fields(POLICIES[args.method][0])}
     fields = {}
-    for option in (
-        "cache_ratio", "warmup_steps", "speculative_steps", "starvation_scale", "reuse_mass", "tap_queries",
-        "interval", "order", "threshold", "recompute_ratio",
-    ):
-        value = getattr(args, option)
+    for name in _config_fields():
+        value = getattr(args, name, None)
         if value is None:
             continue
-        if option not in names:
-            raise CLIError(f"--{option.replace('_', '-')} does not apply to --method {args.method}")
-        fields[option] = value
-    if getattr(args, "speculative_cfg", None) is not None:
-        if "speculative_cfg" not in names:
-            raise CLIError(f"--speculative-cfg does not apply to --method {args.method}")
-        fields["speculative_cfg"] = args.speculative_cfg == "on"
-    if args.reset_steps is not None:
-        if "reset_steps" not in names:
-            raise CLIError(f"--reset-steps does not apply to --method {args.method}")
-        fields["reset_steps"] = tuple(args.reset_steps)
+        if name not in names:
+            raise CLIError(f"--{name.replace('_', '-')} does not apply to --method {args.method}; "
+                           f"its fields: {', '.join(sorted(names)) or 'none'}")
+        fields[name] = (value == "on") if value in ("on", "off") else tuple(value) if isinstance(value, list) else value
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in names:
+            raise CLIError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(names))}")
+        parsed = _parse_value(value.strip())
+        if isinstance(parsed, int) and not isinstance(parsed, bool) and key.strip() == "reset_steps":
+            parsed = (parsed,)
+        fields[key.strip()] = parsed
     try:
         return config_for(args.method, **fields)
-    except ConfigError as error:
+    except (ConfigError, TypeError) as error:
         raise CLIError(str(error)) from None
 
 
@@ -190,6 +220,8 @@ def check_image_size(pipe, height: int | None, width: int | None) -> None:
 
 
 def cmd_generate(args) -> int:
+    import torch
+
     import specdiff
     from specdiff.evaluation.metrics import psnr, ssim
 
@@ -273,19 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate with full compute and with a cache; compare speed and fidelity")
     gen.add_argument("prompt")
     gen.add_argument("--method", default="specdiff", help="specdiff (default), ras, random, toca, fora, taylorseer, firstblock, full")
-    gen.add_argument("--cache-ratio", type=float, dest="cache_ratio", help="share of image tokens not computed, [0, 1)")
-    gen.add_argument("--warmup-steps", type=int, dest="warmup_steps")
-    gen.add_argument("--reset-steps", type=int, nargs="*", dest="reset_steps")
-    gen.add_argument("--speculative-steps", type=int, dest="speculative_steps")
-    gen.add_argument("--starvation-scale", type=float, dest="starvation_scale")
-    gen.add_argument("--speculative-cfg", choices=["on", "off"], dest="speculative_cfg",
-                     help="specdiff: run the speculative pass with CFG (on) or on the conditional rows only (off, default)")
-    gen.add_argument("--reuse-mass", type=float, dest="reuse_mass")
-    gen.add_argument("--tap-queries", type=int, dest="tap_queries")
-    gen.add_argument("--interval", type=int, help="fora / taylorseer: steps between full steps")
-    gen.add_argument("--order", type=int, help="taylorseer: Taylor order")
-    gen.add_argument("--threshold", type=float, help="firstblock: relative change below which blocks are skipped")
-    gen.add_argument("--recompute-ratio", type=float, dest="recompute_ratio", help="toca: share of tokens recomputed")
     gen.add_argument("--steps", type=int, default=28)
     gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     gen.add_argument("--height", type=int, default=None)
@@ -298,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="specdiff-output", help="folder for the images (created)")
     gen.add_argument("--summary", action="store_true", help="print the per-step table of the accelerated run")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     from specdiff.evaluation.benchmark import build_parser as bench_parser

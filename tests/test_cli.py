@@ -62,3 +62,29 @@ def test_methods_lists_every_method(capsys):
     out = capsys.readouterr().out
     for name in ("specdiff", "ras", "random", "full"):
         assert name in out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--method", "ras", "--metric", "l2"], "metric='l2'"),
+    (["--method", "toca", "--staleness-scale", "1"], "staleness_scale=1.0"),
+    (["--method", "specdiff", "--set", "reset_steps=10/20", "--set", "speculative_cfg=true"],
+     "reset_steps=(10, 20)"),
+    (["--method", "specdiff", "--tap-include-text", "on"], "tap_include_text=True"),
+])
+def test_generate_accepts_every_config_field(argv, expected):
+    from specdiff.cli import _build_config, build_parser
+
+    args = build_parser().parse_args(["generate", "x", *argv])
+    assert expected in repr(_build_config(args))
+
+
+def test_every_config_field_has_a_generate_option():
+    import dataclasses
+
+    from specdiff.cli import build_parser
+    from specdiff.policies.registry import POLICIES
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    for config_type, _ in POLICIES.values():
+        for field in dataclasses.fields(config_type):
+            assert "--" + field.name.replace("_", "-") in help_text
