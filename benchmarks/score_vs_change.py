@@ -27,30 +27,29 @@ from tqdm.auto import tqdm
 
 import specdiff
 from specdiff.evaluation.benchmark import bench_prompts, load_bench_pipeline
-from specdiff.policies.base import DENSE, normalise
+from specdiff.policies.base import normalise
 from specdiff.policies.specdiff import SpecDiffConfig
 
 
 def record_signals(pipe, prompts: list[str], steps: int, seeds: list[int], config: SpecDiffConfig, extra: dict) -> list[dict]:
-    """Full compute with attention taps; per step the signals and the outputs seen so far."""
-    specdiff.enable(pipe, config)
-    runtime = pipe.transformer._specdiff_state.runtime
+    """Every token computed (cache ratio 0) with attention taps; per step the signals and the outputs so far."""
     seen = []
 
-    def plan(signals):
+    def record(event: specdiff.StepEvent):
+        signals = event.signals
         if signals.attention is not None and len(signals.last_outputs) >= 2:
             future = signals.future(signals.timestep)
             seen.append({
-                "branch": runtime._branch,  # FLUX true CFG: two calls per step, one state each
+                "branch": event.branch,  # FLUX true CFG: two calls per step, one state each
                 "step": signals.step,
                 "his": signals.attention.float().cpu(),
                 "fut": None if future is None else future.float().cpu(),
                 "last": signals.last_outputs[0].float().cpu(),
                 "before": signals.last_outputs[1].float().cpu(),
             })
-        return DENSE  # every token runs: the outputs are the true ones
 
-    runtime.policy.plan = plan  # a probe, not a method: it reads the engine's signals and computes everything
+    specdiff.enable(pipe, config)
+    specdiff.observe(pipe, record)
     try:
         generator = [torch.Generator().manual_seed(seed) for seed in seeds]
         pipe(prompt=prompts, num_inference_steps=steps, generator=generator, output_type="latent", **extra)

@@ -1,7 +1,10 @@
 """specdiff: training-free acceleration of diffusion transformers by self-speculative token caching."""
 
 from specdiff.engine.runtime import GenerationSummary
-from specdiff.integration import SUPPORTED, UnsupportedModelError, disable, enable, is_enabled, summary
+from specdiff.engine.runtime import StepEvent
+from specdiff.integration import (
+    SUPPORTED, UnsupportedModelError, accelerated, disable, enable, is_enabled, observe, summary,
+)
 from specdiff.policies.base import ConfigError
 from specdiff.policies.first_block import FirstBlockCacheConfig
 from specdiff.policies.fora import FORAConfig
@@ -26,12 +29,15 @@ __all__ = [
     "RandomTokensConfig",
     "SUPPORTED",
     "SpecDiffConfig",
+    "StepEvent",
     "TaylorSeerConfig",
     "ToCaConfig",
     "UnsupportedModelError",
+    "accelerated",
     "config_for",
     "disable",
     "enable",
     "is_enabled",
+    "observe",
     "summary",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import Callable
 
 import torch
 
@@ -145,6 +146,28 @@ def disable(obj):
         vars(state.pipeline).pop(_STATE_ATTR, None)
     vars(transformer).pop(_STATE_ATTR, None)
     return obj
+
+
+@contextlib.contextmanager
+def accelerated(obj, config: PolicyConfig | None = None, **options):
+    """`with specdiff.accelerated(pipe, config): ...` enables for the block and disables after it,
+    also when the block raises. Yields a function that returns the last generation's summary."""
+    enable(obj, config, **options)
+    try:
+        yield lambda: summary(obj)
+    finally:
+        disable(obj)
+
+
+def observe(obj, observer) -> "Callable[[], None]":
+    """Call `observer(event)` for every planned real step of an enabled obj (event: branch, step,
+    timestep, the signals the policy read, its plan). Returns a function that stops it."""
+    state = _state_of(obj)
+    if state is None:
+        raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
+    observers = state.runtime.observers
+    observers.append(observer)
+    return lambda: observer in observers and observers.remove(observer)
 
 
 def is_enabled(obj) -> bool:

@@ -171,18 +171,14 @@ def test_flux_attention_backend_is_honoured():
 
 
 def _selections(pipe, **extra):
-    """The computed-token sets of every real sparse step, per batch row (via the plan the policy returns)."""
+    """The computed-token sets of every real sparse step, per batch row."""
     seen = []
-    runtime = specdiff.integration._state_of(pipe).runtime
-    policy_plan = runtime.policy.plan
 
-    def recording(signals):
-        plan = policy_plan(signals)
-        if plan.compute is not None:
-            seen.append((signals.cfg_groups, plan.compute.sort(dim=-1).values.clone()))
-        return plan
+    def record(event):
+        if event.plan.compute is not None:
+            seen.append((event.signals.cfg_groups, event.plan.compute.sort(dim=-1).values.clone()))
 
-    runtime.policy.plan = recording
+    specdiff.observe(pipe, record)
     run(pipe, **extra)
     return seen
 

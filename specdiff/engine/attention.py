@@ -30,7 +30,6 @@ class AttentionContext(threading.local):
 
     enabled: bool = False
     active: torch.Tensor | None = None
-    num_image_tokens: int = 0
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     tap_queries: int = 0  # 0 = no taps this step
     tap_include_text: bool = False

@@ -94,6 +94,17 @@ class GenerationSummary:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepEvent:
+    """What an observer sees of one planned real step: the signals the policy read and its plan."""
+
+    branch: int  # 0, or 1 for a second call at the same timestep (FLUX true CFG)
+    step: int
+    timestep: float
+    signals: StepSignals
+    plan: StepPlan
+
+
 @dataclasses.dataclass
 class BranchState:
     history: TokenHistory = dataclasses.field(default_factory=TokenHistory)
@@ -127,6 +138,7 @@ class Runtime:
         self._step_timestep = 0.0
         self._generator = torch.Generator()
         self._started = 0.0
+        self.observers: list = []  # called with a StepEvent per planned real step
 
     @property
     def phase(self) -> str | None:
@@ -250,17 +262,18 @@ class Runtime:
             plan = self.policy.plan(signals)
             if plan.compute is not None and not branch.history.outputs:
                 plan = StepPlan()  # nothing cached yet: the first step always runs every token
+            for observer in self.observers:
+                observer(StepEvent(self._branch, branch.step, timestep, signals, plan))
         self._plan = plan
         self._step_timestep = timestep
         ctx.enabled = True
         ctx.active = plan.compute
-        ctx.num_image_tokens = num_tokens
         ctx.kv = branch.kv
         ctx.tap_sum = None
         ctx.tap_seconds = 0.0
         taps = self.phase == "speculative" or self.policy.needs_attention_after(branch.step, self.num_steps)
-        ctx.tap_queries = getattr(self.policy.config, "tap_queries", 64) if taps else 0
-        ctx.tap_include_text = getattr(self.policy.config, "tap_include_text", False)
+        ctx.tap_queries = self.policy.tap_queries if taps else 0
+        ctx.tap_include_text = self.policy.tap_include_text
         self._scoring = time.perf_counter() - tic
         return plan.compute
 

@@ -54,11 +54,8 @@ class MethodSpec:
         if self.config is None:
             yield None
             return
-        specdiff.enable(pipe, self.config)
-        try:
-            yield lambda: specdiff.summary(pipe)
-        finally:
-            specdiff.disable(pipe)
+        with specdiff.accelerated(pipe, self.config) as get_summary:
+            yield get_summary
 
 
 def parse_method(text: str) -> MethodSpec:

@@ -105,7 +105,7 @@ class StepSignals:
     generator: torch.Generator
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class StepPlan:
     """compute: (B, n) image tokens that run (None = all); reuse: (B, N) True where
     a non-computed token copies its last output, False where it is approximated
@@ -113,10 +113,6 @@ class StepPlan:
 
     compute: torch.Tensor | None = None
     reuse: torch.Tensor | None = None
-
-    @property
-    def dense(self) -> bool:
-        return self.compute is None
 
 
 DENSE = StepPlan()
@@ -139,12 +135,19 @@ class Policy:
         return True
 
     @property
-    def uses_attention(self) -> bool:
+    def tap_queries(self) -> int:
+        """Sampled image queries per attention layer that measure the attention each token receives
+        (0: this policy reads no attention)."""
+        return 0
+
+    @property
+    def tap_include_text(self) -> bool:
+        """Whether text-token queries count too."""
         return False
 
     def needs_attention_after(self, step: int, num_steps: int) -> bool:
         """Whether step `step`'s attention taps will be read (by the plan of step + 1)."""
-        return self.uses_attention
+        return self.tap_queries > 0
 
     block_level = False  # True: run_block decides per transformer block
 

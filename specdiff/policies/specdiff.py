@@ -84,8 +84,12 @@ class SpecDiffPolicy(Policy):
         return self.config.speculative_cfg
 
     @property
-    def uses_attention(self) -> bool:
-        return True
+    def tap_queries(self) -> int:
+        return self.config.tap_queries
+
+    @property
+    def tap_include_text(self) -> bool:
+        return self.config.tap_include_text
 
     def needs_attention_after(self, step: int, num_steps: int) -> bool:
         # only a sparse step reads the previous step's taps: skip them before dense steps and at the end
