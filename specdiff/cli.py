@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -97,53 +96,14 @@ def _build_config(args):
 
 
 def load_pipeline(model: str | None, device: str, dtype_name: str):
-    """The embedded model (model=None), or a local diffusers SD3 / SD3.5 / FLUX folder."""
-    import torch
+    """The library's loader, its errors as one-line CLI errors."""
+    from specdiff.loading import ModelLoadError
+    from specdiff.loading import load_pipeline as load
 
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
-    if model is None:
-        from specdiff.reference.pipeline import CorruptModelError, load_scene_pipeline
-
-        try:
-            return load_scene_pipeline(dtype=dtype).to(device), "embedded scene model"
-        except CorruptModelError as error:
-            raise CLIError(str(error)) from None
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        raise CLIError(f"--model {model}: no such folder (give a local diffusers pipeline folder)")
-    index = folder / "model_index.json"
-    if index.exists() and not index.is_file():
-        raise CLIError(f"--model {model}: model_index.json is not a regular file")
-    if not index.exists():
-        if (folder / "transformer").is_dir() and (folder / "SHA256SUMS").exists():
-            from specdiff.reference.pipeline import CorruptModelError, load_scene_pipeline
-
-            try:
-                return load_scene_pipeline(folder, dtype=dtype).to(device), f"scene model at {folder}"
-            except CorruptModelError as error:
-                raise CLIError(str(error)) from None
-        raise CLIError(f"--model {model}: no model_index.json, so this is not a diffusers pipeline folder")
     try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    except (ValueError, AttributeError, OSError) as error:
-        raise CLIError(f"--model {model}: model_index.json is not a readable JSON object ({error})") from None
-    supported = ("StableDiffusion3Pipeline", "FluxPipeline")
-    if class_name not in supported:
-        raise CLIError(f"--model {model}: {class_name or 'unknown'} pipeline is not supported; supported: {', '.join(supported)}")
-    import diffusers
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its own error lines would precede ours
-    try:  # safetensors only: pickle weights (.bin) could run code when loaded
-        pipe = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
-                                                              use_safetensors=True)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"--model {model}: could not load it offline from safetensors files: {first_line}") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    return pipe.to(device), f"{class_name} at {folder}"
+        return load(model, device, dtype_name)
+    except ModelLoadError as error:
+        raise CLIError(str(error)) from None
 
 
 def _generate(pipe, args, seed: int):
@@ -214,9 +174,14 @@ def check_image_size(pipe, height: int | None, width: int | None) -> None:
 
     patch = pipe.transformer.config.patch_size
     factor = patch if isinstance(pipe, ScenePipeline) else getattr(pipe, "vae_scale_factor", 8) * 2
+    largest = None
+    if isinstance(pipe, ScenePipeline):  # its position table covers this many pixels a side
+        largest = pipe.transformer.config.pos_embed_max_size * patch
     for option, value in (("--height", height), ("--width", width)):
         if value is not None and (value <= 0 or value % factor):
             raise CLIError(f"{option} must be a positive multiple of {factor} for this model, got {value}")
+        if value is not None and largest is not None and value > largest:
+            raise CLIError(f"{option} {value} is larger than this model draws (at most {largest} pixels)")
 
 
 def cmd_generate(args) -> int:
@@ -273,6 +238,7 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from specdiff.evaluation.benchmark import run_benchmark
     from specdiff.evaluation.metrics import QualityModelMissing
+    from specdiff.loading import ModelLoadError
     from specdiff.policies.base import ConfigError
 
     args.argv = sys.argv[2:]
@@ -286,7 +252,7 @@ def cmd_bench(args) -> int:
     args.device = check_device(args.device)
     try:
         run_benchmark(args, check_size=check_image_size)
-    except (ConfigError, QualityModelMissing) as error:
+    except (ConfigError, QualityModelMissing, ModelLoadError) as error:
         raise CLIError(str(error)) from None
     except ValueError as error:  # the pipeline refusing a size or a setting, before any output is written
         raise CLIError(f"the pipeline refused the settings: {error}") from None

@@ -166,10 +166,10 @@ def test_other_sizes_skip_the_checker_and_bad_sizes_are_refused(tmp_path, capsys
     assert "checker reads 32 x 32 scenes only" in capsys.readouterr().out
     data = json.loads((out / "results.json").read_text())
     assert (data["meta"]["height"], data["meta"]["width"]) == (48, 32)
-    assert "align_mean" not in data["summary"][0]
+    assert "align_exact_scene" not in data["summary"][0]
     bad = tmp_path / "bad"
     assert main(["bench", "--methods", "full", "--num-prompts", "1", "--height", "33", "--out", str(bad)]) == 2
-    assert "height and width must be positive multiples of 2" in capsys.readouterr().err
+    assert "--height must be a positive multiple of 2" in capsys.readouterr().err
     assert main(["bench", "--methods", "full", "--height", "0", "--out", str(bad)]) == 2
     assert not bad.exists()
 
@@ -214,3 +214,21 @@ def test_fid_against_real_images_or_full_compute(tmp_path, capsys):
     assert main(["bench", *common, "--fid-inception", str(tmp_path / "none.pt"), "--out", str(tmp_path / "bad")]) == 2
     assert "never downloads" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_scene_prompts_get_the_strict_metric_with_its_chance_level(tmp_path, capsys):
+    prompts = tmp_path / "scenes.txt"
+    prompts.write_text("a large red circle at the top left on a white background\n"
+                       "a small blue ring at the right and a large green square at the top left on a black background\n")
+    assert main(["bench", "--methods", "full", "--prompts", str(prompts), "--num-prompts", "2", "--steps", "3",
+                 "--out", str(tmp_path / "out")]) == 0
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["summary"][0]
+    for key in ("align_exact_scene", "align_colour", "align_unasked_per_image", "align_lenient_mean",
+                "align_chance_exact_scene"):
+        assert 0 <= row[key] <= 9, key
+    assert "exact scene" in capsys.readouterr().out
+    prose = tmp_path / "prose.txt"
+    prose.write_text("a photo of a dog\na red fox\n")
+    assert main(["bench", "--methods", "full", "--prompts", str(prose), "--num-prompts", "2", "--steps", "2",
+                 "--out", str(tmp_path / "prose")]) == 0
+    assert "not scene captions" in capsys.readouterr().out

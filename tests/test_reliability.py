@@ -324,6 +324,7 @@ def _cli_cases(tmp_path):
         (["generate", "x", "--out", str(blocker / "sub")], "not a writable folder"),
         (["generate", "x", "--height", "33"], "multiple of 2"),
         (["generate", "x", "--height", "-32"], "--height"),
+        (["generate", "x", "--height", "128"], "at most 64"),
         (["generate", "x", "--width", "0"], "--width"),
         (["generate", "x", "--seed", str(2**70)], "--seed"),
         (["generate", "x", "--device", "bogus"], "--device"),

@@ -149,7 +149,7 @@ def load_bench_pipeline(model: str, device: str):
         from specdiff.tiny_pipelines import tiny_flux_pipeline
 
         return tiny_flux_pipeline().to(device), dict(height=64, width=64)
-    from specdiff.cli import load_pipeline
+    from specdiff.loading import load_pipeline
 
     pipe, _ = load_pipeline(None if model == "embedded" else model, device, "float32")
     return pipe, {}
