@@ -27,8 +27,8 @@ DEFAULTS = {
     "ras": specdiff.RASConfig(warmup_steps=2, reset_steps=(5,)),
     "random": specdiff.RandomTokensConfig(warmup_steps=2),
     "fora": specdiff.FORAConfig(),
-    "taylorseer": specdiff.TaylorSeerConfig(interval=3, first_full_steps=2),
-    "toca": specdiff.ToCaConfig(interval=3, first_full_steps=2, recompute_ratio=0.25),
+    "taylorseer": specdiff.TaylorSeerConfig(interval=3, warmup_steps=2),
+    "toca": specdiff.ToCaConfig(interval=3, warmup_steps=2, recompute_ratio=0.25),
 }
 
 

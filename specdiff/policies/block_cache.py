@@ -18,9 +18,9 @@ class BlockLevelPolicy(Policy):
         return DENSE
 
 
-def full_step(step: int, first_full_steps: int, interval: int) -> bool:
-    """The first `first_full_steps` steps, then every `interval`-th one, run in full."""
-    return step < first_full_steps or (step - first_full_steps) % interval == 0
+def full_step(step: int, warmup_steps: int, interval: int) -> bool:
+    """The first `warmup_steps` steps, then every `interval`-th one, run in full."""
+    return step < warmup_steps or (step - warmup_steps) % interval == 0
 
 
 def run_and_measure(block, tokens: torch.Tensor, text: torch.Tensor | None):

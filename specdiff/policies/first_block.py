@@ -17,8 +17,13 @@ from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, count_
 
 @dataclasses.dataclass(frozen=True)
 class FirstBlockCacheConfig(PolicyConfig):
-    """threshold: relative change of the first block's residual below which the
-    other blocks are skipped; warmup_steps: steps that always run in full."""
+    """First-block cache: skip all blocks after the first while the first block's residual barely changes.
+
+    Args:
+        threshold (float, default 0.05): relative change of the first block's residual below which the
+            other blocks reuse their cached residual.
+        warmup_steps (int, default 1): steps at the start that run in full.
+    """
 
     method = "firstblock"
 

@@ -17,7 +17,11 @@ from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, count_
 
 @dataclasses.dataclass(frozen=True)
 class FORAConfig(PolicyConfig):
-    """interval: run every block every `interval` steps (1 = full compute)."""
+    """FORA: run every block every `interval` steps; in between reuse each block's cached residual.
+
+    Args:
+        interval (int, default 3): steps between full steps (1 = full compute).
+    """
 
     method = "fora"
 

@@ -17,8 +17,14 @@ from specdiff.policies.specdiff import lowest_mass
 
 @dataclasses.dataclass(frozen=True)
 class RandomTokensConfig(DenseScheduleConfig):
-    """cache_ratio: share of image tokens not computed on a sparse step, [0, 1).
-    reuse_mass: as in SpecDiffConfig, applied to the random scores."""
+    """Random tokens (the ablation): SpecDiff's fill, tokens drawn at random (seeded by enable's seed).
+
+    Args:
+        cache_ratio (float, default 0.9): share of image tokens NOT computed on a sparse step, in [0, 1).
+        reuse_mass (float, default 0.1): as in SpecDiffConfig, applied to the random scores.
+        warmup_steps (int, default 4): steps at the start that compute every token.
+        reset_steps (tuple of int, default ()): further steps (0-based) that compute every token.
+    """
 
     method = "random"
 

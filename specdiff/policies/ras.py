@@ -30,9 +30,15 @@ from specdiff.policies.base import (
 
 @dataclasses.dataclass(frozen=True)
 class RASConfig(DenseScheduleConfig):
-    """cache_ratio: share of image tokens not computed on a sparse step, [0, 1).
-    metric: 'std' or 'l2' of the previous output per token.
-    starvation_scale: lambda in exp(lambda * times skipped)."""
+    """RAS (region-adaptive sampling): skip the tokens whose last output moved least.
+
+    Args:
+        cache_ratio (float, default 0.5): share of image tokens NOT computed on a sparse step, in [0, 1).
+        metric (str, default "std"): score per token from its previous output, "std" or "l2".
+        starvation_scale (float, default 0.1): lambda in exp(lambda * steps skipped), so skipped tokens come back.
+        warmup_steps (int, default 4): steps at the start that compute every token.
+        reset_steps (tuple of int, default (12, 22)): further steps (0-based) that compute every token.
+    """
 
     method = "ras"
 

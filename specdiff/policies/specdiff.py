@@ -39,16 +39,23 @@ from specdiff.policies.base import (
 
 @dataclasses.dataclass(frozen=True)
 class SpecDiffConfig(DenseScheduleConfig):
-    """cache_ratio: share of image tokens NOT computed on a sparse step, [0, 1).
-    speculative_steps: dense steps of the speculative run (0 = no future term).
-    starvation_scale: lambda in exp(lambda * times cached); 1.0 is the paper's form.
-    reuse_mass: score mass of the lowest tokens that copy their last output (C2).
-    tap_queries: sampled queries per attention layer that measure attention received.
-    tap_include_text: whether text-token queries also count (MMDiT joint attention).
-    share_cfg_selection: CFG rows of one prompt use one token selection.
-    speculative_cfg: run the speculative pass with the pipeline's classifier-free
-      guidance (True, the paper's "same input" read literally) or on the conditional
-      rows only (False, the default: about half its cost; both CFG halves share the maps).
+    """SpecDiff: score tokens by the attention they received (his) x the attention a short speculative
+    run says they will receive (fut) x a starvation term; compute the top, reuse or extrapolate the rest.
+
+    Args:
+        cache_ratio (float, default 0.9): share of image tokens NOT computed on a sparse step, in [0, 1).
+        speculative_steps (int, default 2): steps of the speculative run (0 = no future term).
+        starvation_scale (float, default 1.0): lambda in exp(lambda * steps cached); 1.0 is the paper's form.
+        reuse_mass (float, default 0.1): score mass of the lowest tokens that copy their last output (C2);
+            the other non-computed tokens extrapolate from their last three outputs (C3).
+        tap_queries (int, default 64): sampled queries per attention layer that measure attention received.
+        tap_include_text (bool, default False): whether text-token queries also count (MMDiT joint attention).
+        share_cfg_selection (bool, default True): CFG rows of one prompt use one token selection.
+        speculative_cfg (bool, default False): run the speculative pass with the pipeline's classifier-free
+            guidance (True, the paper's "same input" read literally) or on the conditional rows only
+            (False: about half its cost; both CFG halves share the maps).
+        warmup_steps (int, default 4): steps at the start that compute every token.
+        reset_steps (tuple of int, default (12, 22)): further steps (0-based) that compute every token.
     """
 
     method = "specdiff"

@@ -1,6 +1,6 @@
 """TaylorSeer (Liu et al., 2025, "From Reusing to Forecasting").
 
-Full steps: the first `first_full_steps`, then every `interval`-th step. At a
+Full steps: the first `warmup_steps`, then every `interval`-th step. At a
 full step each block's residual (output - input, both streams) is stored with
 finite-difference derivatives up to `order` (in units of steps); in between,
 each block's residual is predicted by the Taylor expansion
@@ -20,19 +20,24 @@ from specdiff.policies.block_cache import BlockLevelPolicy, count_block, full_st
 
 @dataclasses.dataclass(frozen=True)
 class TaylorSeerConfig(PolicyConfig):
-    """interval: steps between full steps; order: Taylor order (0 = plain reuse);
-    first_full_steps: steps at the start that always run in full."""
+    """TaylorSeer: between full steps, extrapolate each block's residual by a Taylor series in the step.
+
+    Args:
+        interval (int, default 6): steps between full steps (1 = full compute).
+        order (int, default 1): Taylor order (0 = plain reuse, as FORA).
+        warmup_steps (int, default 3): steps at the start that run in full.
+    """
 
     method = "taylorseer"
 
     interval: int = 6
     order: int = 1
-    first_full_steps: int = 3
+    warmup_steps: int = 3
 
     def validate(self) -> None:
         check_int(self, "interval", 1, 100)
         check_int(self, "order", 0, 3)
-        check_int(self, "first_full_steps", 1)
+        check_int(self, "warmup_steps", 1)
 
 
 class TaylorSeerPolicy(BlockLevelPolicy):
@@ -40,7 +45,7 @@ class TaylorSeerPolicy(BlockLevelPolicy):
 
     def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
         factors = state.setdefault("factors", {})  # index -> (step, [d0, d1, ...] per stream)
-        full = full_step(step, self.config.first_full_steps, self.config.interval) or index not in factors
+        full = full_step(step, self.config.warmup_steps, self.config.interval) or index not in factors
         count_block(state, full, index, num_blocks)
         if full:
             text, tokens, residual = run_and_measure(block, tokens, text)

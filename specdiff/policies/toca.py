@@ -1,6 +1,6 @@
 """ToCa (Zou et al., 2025, "Accelerating Diffusion Transformers with Token-wise Feature Caching").
 
-Full steps: the first `first_full_steps`, then every `interval`-th step; they
+Full steps: the first `warmup_steps`, then every `interval`-th step; they
 run every token through every block and cache each block's per-token
 residual. In between, each block recomputes only the `recompute_ratio`
 highest-scoring image tokens (all text tokens run) and the others take their
@@ -25,21 +25,27 @@ from specdiff.policies.block_cache import BlockLevelPolicy, count_block, full_st
 
 @dataclasses.dataclass(frozen=True)
 class ToCaConfig(PolicyConfig):
-    """interval: steps between full steps; recompute_ratio: share of image tokens each
-    block recomputes in between, (0, 1]; first_full_steps; staleness_scale: weight of
-    the steps since a token was recomputed."""
+    """ToCa (token-wise caching): full steps every `interval`; in between each block recomputes a few tokens.
+
+    Args:
+        interval (int, default 4): steps between full steps (1 = full compute).
+        recompute_ratio (float, default 0.1): share of image tokens each block recomputes between full
+            steps, in (0, 1].
+        warmup_steps (int, default 3): steps at the start that run in full.
+        staleness_scale (float, default 0.5): weight of the steps since a token was recomputed in its score.
+    """
 
     method = "toca"
 
     interval: int = 4
     recompute_ratio: float = 0.1
-    first_full_steps: int = 3
+    warmup_steps: int = 3
     staleness_scale: float = 0.5
 
     def validate(self) -> None:
         check_int(self, "interval", 1, 100)
         check_range(self, "recompute_ratio", 0.0, 1.0, low_open=True)
-        check_int(self, "first_full_steps", 1)
+        check_int(self, "warmup_steps", 1)
         check_range(self, "staleness_scale", 0.0, 10.0)
 
 
@@ -49,7 +55,7 @@ class ToCaPolicy(BlockLevelPolicy):
     def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
         residuals = state.setdefault("residuals", {})
         stale = state.setdefault("stale", {})
-        if full_step(step, self.config.first_full_steps, self.config.interval) or index not in residuals:
+        if full_step(step, self.config.warmup_steps, self.config.interval) or index not in residuals:
             count_block(state, 1.0, index, num_blocks)
             text, tokens, residuals[index] = run_and_measure(block, tokens, text)
             stale[index] = torch.zeros(tokens.shape[:2], device=tokens.device)
