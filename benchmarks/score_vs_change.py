@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import specdiff
 from specdiff.evaluation.benchmark import bench_prompts, load_bench_pipeline
-from specdiff.policies.base import normalise
+from specdiff.engine.policy import normalise
 from specdiff.policies.specdiff import SpecDiffConfig
 
 

@@ -5,7 +5,7 @@ from specdiff.engine.runtime import StepEvent
 from specdiff.integration import (
     SUPPORTED, UnsupportedModelError, accelerated, disable, enable, is_enabled, observe, summary,
 )
-from specdiff.policies.base import ConfigError
+from specdiff.engine.policy import ConfigError
 from specdiff.policies.first_block import FirstBlockCacheConfig
 from specdiff.policies.fora import FORAConfig
 from specdiff.policies.full import FullComputeConfig

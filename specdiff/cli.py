@@ -66,7 +66,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def _build_config(args):
     from specdiff.evaluation.benchmark import _parse_value
-    from specdiff.policies.base import ConfigError
+    from specdiff.engine.policy import ConfigError
     from specdiff.policies.registry import POLICIES, config_for
 
     if args.method not in POLICIES:
@@ -239,7 +239,7 @@ def cmd_bench(args) -> int:
     from specdiff.evaluation.benchmark import run_benchmark
     from specdiff.evaluation.metrics import QualityModelMissing
     from specdiff.loading import ModelLoadError
-    from specdiff.policies.base import ConfigError
+    from specdiff.engine.policy import ConfigError
 
     args.argv = sys.argv[2:]
     for side in ("height", "width"):

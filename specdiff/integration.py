@@ -22,7 +22,7 @@ from specdiff.adapters.base import Adapter
 from specdiff.adapters.flux import FluxAdapter
 from specdiff.adapters.sd3 import SD3Adapter
 from specdiff.engine.runtime import GenerationSummary, Runtime
-from specdiff.policies.base import PolicyConfig
+from specdiff.engine.policy import PolicyConfig
 from specdiff.policies.registry import make_policy
 from specdiff.policies.specdiff import SpecDiffConfig
 

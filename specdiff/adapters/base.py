@@ -27,15 +27,9 @@ import inspect
 import torch
 
 from specdiff.engine.runtime import Runtime
+from specdiff.engine.tokens import gather_tokens
 
 _BLOCK_HOOK = "specdiff_block"
-
-
-def gather_tokens(tokens: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-    """(B, N, D) -> (B, n, D) rows `active` (B, n); all rows when active is None."""
-    if active is None:
-        return tokens
-    return tokens.gather(1, active.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 def timestep_value(timestep: torch.Tensor | float) -> float:

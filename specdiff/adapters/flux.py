@@ -11,7 +11,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from specdiff.adapters.base import Adapter, gather_tokens
+from specdiff.adapters.base import Adapter
+from specdiff.engine.tokens import gather_tokens
 from specdiff.engine.attention import AttentionContext, merge_image_kv, tap_attention
 
 

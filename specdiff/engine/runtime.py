@@ -18,7 +18,7 @@ import torch
 
 from specdiff.engine.attention import AttentionContext
 from specdiff.engine.history import HISTORY_LENGTH, TokenHistory
-from specdiff.policies.base import Policy, StepPlan, StepSignals
+from specdiff.engine.policy import Policy, StepPlan, StepSignals
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from specdiff.policies.base import ConfigError
+from specdiff.engine.policy import ConfigError
 
 FULL = "full"
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from specdiff.stats import frechet_distance  # noqa: F401  (part of this module's interface)
+
 
 class QualityModelMissing(RuntimeError):
     """A quality model (CLIP, Inception) or reference set the user asked for is not available locally."""
@@ -36,14 +38,3 @@ def ssim(reference, image) -> float:
     window = min(7, *ref.shape[:2])
     window = window if window % 2 else window - 1  # skimage needs an odd window that fits
     return float(structural_similarity(ref, img, data_range=1.0, channel_axis=-1, win_size=window))
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two (n, d) feature sets (as FID does)."""
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))

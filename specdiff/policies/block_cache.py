@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from specdiff.policies.base import DENSE, Policy, StepPlan, StepSignals
+from specdiff.engine.policy import DENSE, Policy, StepPlan, StepSignals
 
 
 class BlockLevelPolicy(Policy):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from specdiff.policies.base import PolicyConfig, check_int, check_range
+from specdiff.engine.policy import PolicyConfig, check_int, check_range
 from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, count_block, run_and_measure
 
 

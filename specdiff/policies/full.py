@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from specdiff.policies.base import DENSE, Policy, PolicyConfig, StepPlan, StepSignals
+from specdiff.engine.policy import DENSE, Policy, PolicyConfig, StepPlan, StepSignals
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from specdiff.policies.base import DENSE, DenseScheduleConfig, Policy, StepPlan, StepSignals, check_range, top_tokens
+from specdiff.engine.policy import DENSE, DenseScheduleConfig, Policy, StepPlan, StepSignals, check_range, top_tokens
 from specdiff.policies.specdiff import lowest_mass
 
 

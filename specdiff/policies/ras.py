@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from specdiff.policies.base import (
+from specdiff.engine.policy import (
     DENSE,
     ConfigError,
     DenseScheduleConfig,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from specdiff.policies.base import ConfigError, Policy, PolicyConfig
+from specdiff.engine.policy import ConfigError, Policy, PolicyConfig
 from specdiff.policies.first_block import FirstBlockCacheConfig, FirstBlockCachePolicy
 from specdiff.policies.fora import FORAConfig, FORAPolicy
 from specdiff.policies.full import FullComputeConfig, FullComputePolicy

@@ -23,7 +23,7 @@ import dataclasses
 
 import torch
 
-from specdiff.policies.base import (
+from specdiff.engine.policy import (
     DENSE,
     DenseScheduleConfig,
     Policy,

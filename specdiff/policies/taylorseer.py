@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from specdiff.policies.base import PolicyConfig, check_int
+from specdiff.engine.policy import PolicyConfig, check_int
 from specdiff.policies.block_cache import BlockLevelPolicy, count_block, full_step, run_and_measure
 
 

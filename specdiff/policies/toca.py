@@ -18,8 +18,8 @@ import dataclasses
 
 import torch
 
-from specdiff.adapters.base import gather_tokens
-from specdiff.policies.base import PolicyConfig, check_int, check_range, top_tokens
+from specdiff.engine.tokens import gather_tokens
+from specdiff.engine.policy import PolicyConfig, check_int, check_range, top_tokens
 from specdiff.policies.block_cache import BlockLevelPolicy, count_block, full_step, run_and_measure
 
 

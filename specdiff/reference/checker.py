@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from specdiff.evaluation.metrics import frechet_distance
-from specdiff.reference.alignment import ATTRIBUTES, lenient_accuracy, strict_accuracy
+from specdiff.reference.alignment import lenient_accuracy, strict_accuracy
 from specdiff.reference.scenes import (
     COLOURS, POSITIONS, SHAPES, SIZE_NAMES, V1, Scene, SceneObject, SceneStyle, get_style, render, sample_scene,
 )
+from specdiff.stats import frechet_distance
 
 CHECKER_DIR = Path(__file__).parent / "checker_weights"
 CHECKER_DIRS = {"v1": CHECKER_DIR, "v2": Path(__file__).parent / "checker_weights_v2"}

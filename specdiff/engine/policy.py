@@ -1,4 +1,4 @@
-"""What a caching policy is: a typed config and an answer to "which tokens run this step"."""
+"""The policy contract the engine asks: a typed, validated config and "which tokens run this step"."""
 
 from __future__ import annotations
 
