@@ -184,52 +184,115 @@ def check_image_size(pipe, height: int | None, width: int | None) -> None:
             raise CLIError(f"{option} {value} is larger than this model draws (at most {largest} pixels)")
 
 
+def _labelled_pair(left, right, labels: tuple[str, str], scale: int):
+    """Two images side by side, upscaled, each under its label, with a grey divider that shows on any scene."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for image in (left, right):
+        array = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        tile = Image.fromarray(array)
+        tiles.append(tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST))
+    strip, divider = 28, 6
+    sheet = Image.new("RGB", (tiles[0].width + divider + tiles[1].width, strip + tiles[0].height), "white")
+    draw = ImageDraw.Draw(sheet)
+    sheet.paste(tiles[0], (0, strip))
+    sheet.paste(tiles[1], (tiles[0].width + divider, strip))
+    draw.rectangle([tiles[0].width, 0, tiles[0].width + divider - 1, sheet.height], fill=(128, 128, 128))
+    draw.text((4, 8), labels[0], fill="black")
+    draw.text((tiles[0].width + divider + 4, 8), labels[1], fill="black")
+    return sheet
+
+
+def _save_readable(image, out: Path, name: str) -> list[Path]:
+    """`name`.png upscaled (nearest) to at least 256 px, and `name`-native.png at the model's size."""
+    scale = max(1, 256 // max(image.shape[-2:]))
+    paths = [out / f"{name}.png"]
+    _save(image, paths[0], scale)
+    if scale > 1:
+        paths.append(out / f"{name}-native.png")
+        _save(image, paths[1], 1)
+    return paths
+
+
+def _spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):.3f}, range {min(values):.3f}-{max(values):.3f}"
+
+
 def cmd_generate(args) -> int:
     import torch
 
     import specdiff
     from specdiff.evaluation.metrics import psnr, ssim
+    from specdiff.reference.pipeline import ScenePipeline
 
     config = _build_config(args)
     out = check_output_folder(args.out)
     args.device = check_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     pipe, description = load_pipeline(args.model, args.device, args.dtype)
     check_image_size(pipe, args.height, args.width)
+    if isinstance(pipe, ScenePipeline):
+        from specdiff.reference.scenes import unknown_words
+
+        unknown = unknown_words(args.prompt)
+        if unknown:
+            print(f"specdiff: warning: the embedded model does not know {', '.join(map(repr, unknown))}; "
+                  "it draws only the scenes listed under `specdiff generate --help`", file=sys.stderr)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
-    print(f"model: {description}; method: {config}")
+    print(f"model: {description}; method: {config}; torch threads: {torch.get_num_threads()}")
+    method = config.method
+
+    if not args.compare:
+        with specdiff.accelerated(pipe, config) as last_summary:
+            image, seconds = _generate(pipe, args, args.seed)
+            summary = last_summary()
+        out.mkdir(parents=True, exist_ok=True)
+        paths = _save_readable(image, out, method)
+        print(f"made         : {paths[0]} ({image.shape[-1]} x {image.shape[-2]} px"
+              f"{', upscaled for viewing; ' + paths[1].name + ' is the original' if len(paths) > 1 else ''})")
+        print(f"time         : {seconds:.3f} s with {method} (one run, first-call costs included; "
+              f"--compare measures the speed-up against full compute)")
+        if args.summary and summary is not None:
+            print(summary)
+        return 0
 
     # one short warm-up so that neither timed run pays for first-call costs
     warm = argparse.Namespace(**{**vars(args), "steps": 2})
     _generate(pipe, warm, args.seed)
     times = {"full": [], "accelerated": []}
     images = {}
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # interleaved pairs: each ratio compares runs made moments apart
         images["full"], seconds = _generate(pipe, args, args.seed)
         times["full"].append(seconds)
-        specdiff.enable(pipe, config)
-        try:
+        with specdiff.accelerated(pipe, config) as last_summary:
             images["accelerated"], seconds = _generate(pipe, args, args.seed)
-            summary = specdiff.summary(pipe)
-        finally:
-            specdiff.disable(pipe)
+            summary = last_summary()
         times["accelerated"].append(seconds)
 
-    full_s, fast_s = statistics.median(times["full"]), statistics.median(times["accelerated"])
-    speedup = statistics.median(f / a for f, a in zip(times["full"], times["accelerated"]))
+    ratios = [f / a for f, a in zip(times["full"], times["accelerated"])]
     quality_psnr = psnr(images["full"], images["accelerated"])
     quality_ssim = ssim(images["full"], images["accelerated"])
     out.mkdir(parents=True, exist_ok=True)
+    saved = _save_readable(images["full"], out, "reference-full-compute") + _save_readable(images["accelerated"], out, method)
     scale = max(1, 256 // max(images["full"].shape[-2:]))
-    _save(images["full"], out / "full.png", 1)
-    _save(images["accelerated"], out / f"{config.method}.png", 1)
-    side = torch.cat([images["full"], torch.ones(3, images["full"].shape[1], 1), images["accelerated"]], dim=2)
-    _save(side, out / "side_by_side.png", scale)
-    print(f"full compute : {full_s:.3f} s / image (median of {args.repeats})")
-    print(f"{config.method:<13}: {fast_s:.3f} s / image (speculation {summary.speculation_seconds:.3f} s, "
-          f"scoring {summary.scoring_seconds:.3f} s)")
-    print(f"speed-up     : {speedup:.2f}x wall-clock")
-    print(f"fidelity     : PSNR {quality_psnr:.2f} dB, SSIM {quality_ssim:.4f} (accelerated vs full compute)")
-    print(f"saved        : {out / 'full.png'}, {out / (config.method + '.png')}, {out / 'side_by_side.png'}")
+    labels = (f"full compute {statistics.median(times['full']):.2f} s",
+              f"{method} {statistics.median(times['accelerated']):.2f} s, PSNR {quality_psnr:.1f} dB")
+    _labelled_pair(images["full"], images["accelerated"], labels, scale).save(out / "side_by_side.png")
+    saved.append(out / "side_by_side.png")
+    print(f"full compute : {_spread(times['full'])} s / image over {args.repeats} runs")
+    print(f"{method:<13}: {_spread(times['accelerated'])} s / image (last run: speculation "
+          f"{summary.speculation_seconds:.3f} s, scoring {summary.scoring_seconds:.3f} s)")
+    print(f"speed-up     : {statistics.median(ratios):.2f}x wall-clock, the median of the {args.repeats} per-run "
+          f"ratios full / {method} ({', '.join(f'{r:.2f}' for r in ratios)})")
+    if max(ratios) > 1.25 * min(ratios):
+        print(f"note         : the runs disagree by more than 25 % ({min(ratios):.2f}x-{max(ratios):.2f}x): the "
+              "machine is busy or noisy; close other work, pin threads (--threads 1) and add --repeats")
+    print(f"fidelity     : PSNR {quality_psnr:.2f} dB, SSIM {quality_ssim:.4f} ({method} vs full compute, same seed)")
+    print(f"saved        : {', '.join(str(p) for p in saved)}")
     if args.summary:
         print(summary)
     return 0
@@ -268,15 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdiff", description="Faster diffusion transformers by token caching.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate with full compute and with a cache; compare speed and fidelity")
-    gen.add_argument("prompt")
+    from specdiff.reference.scenes import vocabulary_help
+
+    gen = sub.add_parser(
+        "generate", help="generate an image with a method (default SpecDiff); --compare also runs full compute",
+        description="Generate one image with the chosen method and print its time; with --compare, run full "
+                    "compute and the method in interleaved pairs and print both times, the speed-up and PSNR / SSIM.",
+        epilog=vocabulary_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("prompt", help="what to draw (for the embedded model, see the vocabulary below)")
+    gen.add_argument("--compare", action="store_true",
+                     help="also generate with full compute, same seed: times, speed-up, PSNR / SSIM, side-by-side")
+    gen.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's choice, printed); 1 is steadier on a busy machine")
     gen.add_argument("--method", default="specdiff", help="specdiff (default), ras, random, toca, fora, taylorseer, firstblock, full")
     gen.add_argument("--steps", type=int, default=28)
     gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--repeats", type=int, default=3, help="timed runs of each (medians are reported)")
+    gen.add_argument("--repeats", type=int, default=3, help="--compare: timed pairs (median and range are reported)")
     gen.add_argument("--model", default=None, help="local diffusers SD3 / SD3.5 / FLUX folder (default: embedded model)")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

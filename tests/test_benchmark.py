@@ -31,6 +31,20 @@ def test_bench_writes_every_artefact(tmp_path, capsys):
     assert "| fora |" in capsys.readouterr().out
 
 
+def test_results_json_is_strict_json_and_the_folder_is_printed(tmp_path, capsys):
+    # full compute against itself: PSNR is infinite, written as null with the reason beside it
+    assert main(["bench", "--model", "tiny-sd3", "--methods", "full", "--num-prompts", "1", "--steps", "2",
+                 "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "results.json").read_text()
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON number {token}")
+
+    data = json.loads(text, parse_constant=refuse)
+    assert data["summary"][0]["psnr_mean"] is None and "identical" in data["summary"][0]["psnr_mean_why"]
+    assert f"results in {tmp_path}" in capsys.readouterr().out
+
+
 def test_full_compute_with_fewer_steps_is_a_baseline(tmp_path):
     assert main(["bench", "--model", "tiny-sd3", "--methods", "full", "full:steps=2", "--num-prompts", "1",
                  "--batch-size", "1", "--steps", "4", "--out", str(tmp_path)]) == 0
@@ -64,7 +78,7 @@ def test_two_processes_give_the_same_numbers_as_one(tmp_path):
     assert done == [0, 1, 2]  # no prompt lost or done twice
     for a, b in zip(one["summary"], two["summary"]):
         assert a["method"] == b["method"]
-        assert a["psnr_mean"] == pytest.approx(b["psnr_mean"], rel=1e-6)
+        assert (a["psnr_mean"] is None and b["psnr_mean"] is None) or a["psnr_mean"] == pytest.approx(b["psnr_mean"], rel=1e-6)
         assert a["ssim_mean"] == pytest.approx(b["ssim_mean"], rel=1e-6)
         assert a["flops_per_image"] == b["flops_per_image"]
 

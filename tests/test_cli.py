@@ -9,17 +9,43 @@ import pytest
 from specdiff.cli import main
 
 
-def test_generate_prints_speed_and_fidelity_and_saves_images(tmp_path, capsys):
+def test_generate_compare_prints_speed_and_fidelity_and_saves_images(tmp_path, capsys):
+    import re
+    import statistics
+
     code = main([
-        "generate", "a large red circle at the top left on a white background", "--steps", "6", "--repeats", "1",
+        "generate", "a large red circle at the top left on a white background", "--steps", "6", "--repeats", "3",
         "--warmup-steps", "2", "--speculative-cfg", "off", "--out", str(tmp_path / "out"), "--quiet", "--summary",
+        "--compare",
     ])
     out = capsys.readouterr().out
     assert code == 0
     assert "speed-up" in out and "PSNR" in out and "SSIM" in out
     assert "sparse" in out  # the per-step summary
-    for name in ("full.png", "specdiff.png", "side_by_side.png"):
+    for name in ("reference-full-compute.png", "specdiff.png", "specdiff-native.png", "side_by_side.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    # the printed speed-up is the median of the printed per-run ratios
+    line = next(l for l in out.splitlines() if l.startswith("speed-up"))
+    shown = float(re.search(r"([0-9.]+)x", line).group(1))
+    ratios = [float(r) for r in re.search(r"\(([0-9., ]+)\)", line).group(1).split(", ")]
+    assert len(ratios) == 3 and shown == pytest.approx(statistics.median(ratios), abs=0.011)
+
+
+def test_generate_makes_one_image_with_the_method(tmp_path, capsys):
+    code = main(["generate", "a small blue ring in the center on a black background", "--steps", "4",
+                 "--method", "fora", "--out", str(tmp_path / "out"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "made" in out and "fora" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fora-native.png", "fora.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out" / "fora.png").size[0] >= 256
+
+
+def test_words_the_embedded_model_does_not_know_are_named(tmp_path, capsys):
+    assert main(["generate", "a photo of a dog", "--steps", "2", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "'dog'" in err and "'photo'" in err and "'a'" not in err
 
 
 @pytest.mark.parametrize(

@@ -319,6 +319,26 @@ def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None,
     return rows
 
 
+def strict_json(value, why: str | None = None):
+    """A copy that strict JSON parsers accept: every infinite or NaN number becomes null, and beside it
+    a `<key>_why` field says what it was (an infinite PSNR: the image equals full compute's)."""
+    if isinstance(value, dict):
+        result = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not np.isfinite(item):
+                result[key] = None
+                result[f"{key}_why"] = ("infinite: identical to full compute" if key.startswith("psnr") and item > 0
+                                        else "infinite" if np.isinf(item) else "not a number (undefined here)")
+            else:
+                result[key] = strict_json(item)
+        return result
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return strict_json(value.item())
+    return value
+
+
 def markdown_table(rows) -> str:
     has_align = "align_exact_scene" in rows[0]
     head = "| method | s / image | wall-clock speed-up | FLOPs ratio | PSNR dB | SSIM |"
@@ -526,7 +546,8 @@ def run_benchmark(args, check_size=None) -> list[dict]:
         image_grid(methods, records, prompts, out / "grid.png")
         if args.save_images:
             save_images(methods, records, out / "images")
-        (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "batches": per_prompt}, indent=1))
+        document = strict_json({"meta": meta, "summary": rows, "batches": per_prompt})
+        (out / "results.json").write_text(json.dumps(document, indent=1, allow_nan=False))
         for name in sorted(os.listdir(out), key=lambda n: n == "results.json"):  # results.json last
             if (final / name).is_dir():
                 shutil.rmtree(final / name)
@@ -534,6 +555,8 @@ def run_benchmark(args, check_size=None) -> list[dict]:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(table)
+    written = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in final.iterdir() if not p.name.startswith(".")))
+    print(f"bench: results in {final}: {written}")
     if distributed:
         dist.destroy_process_group()
     return rows

@@ -365,3 +365,23 @@ def parse_caption(text: str) -> Scene | None:
         objects.append(SceneObject(m["colour"], m["shape"], m["size"] or SIZE_NAMES[0], position or "center",
                                    says_size=m["size"] is not None, says_position=position is not None))
     return Scene(whole["background"], tuple(objects))
+
+
+_GRAMMAR_WORDS = {"a", "an", "the", "at", "in", "on", "and", "background", "top", "bottom", "left", "right", "center"}
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """Words of a prompt that no scene caption uses (the embedded model ignores or misreads them)."""
+    known = _GRAMMAR_WORDS | set(COLOURS) | set(SHAPES) | set(SIZE_NAMES)
+    words = re.findall(r"[a-z]+", prompt.lower())
+    return sorted({w for w in words if w not in known})
+
+
+def vocabulary_help() -> str:
+    return (
+        "The embedded model draws scenes: a background colour and one or more objects, each\n"
+        f"  colour: {', '.join(COLOURS)}\n  shape: {', '.join(SHAPES)}\n  size: {', '.join(SIZE_NAMES)}\n"
+        f"  position: {', '.join(POSITIONS)}\n"
+        'e.g. "a large red circle at the top left and a small blue ring in the center on a white background".\n'
+        "Other words are ignored (a warning names them)."
+    )
