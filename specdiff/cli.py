@@ -323,7 +323,19 @@ def cmd_bench(args) -> int:
 
 
 def cmd_methods(args) -> int:
+    from importlib import metadata
+
     print(_methods_table())
+    print("\nother libraries' caches, for `specdiff bench --methods` (run on the same pipeline, same seeds):")
+    peers = (("diffusers-taylorseer", "diffusers", "diffusers' TaylorSeerCache hook"),
+             ("diffusers-fbc", "diffusers", "diffusers' FirstBlockCache (FLUX only)"),
+             ("cache-dit-dbcache", "cache-dit", "cache-dit's DBCache"))
+    for name, package, what in peers:
+        try:
+            version = f"{package} {metadata.version(package)}"
+        except metadata.PackageNotFoundError:
+            version = f"{package} not installed"
+        print(f"{name:<22} {what} ({version})")
     return 0
 
 
@@ -361,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from specdiff.evaluation.benchmark import build_parser as bench_parser
 
-    bench = sub.add_parser("bench", help="every method's speed and quality side by side (tables, plot, grid)")
+    bench = sub.add_parser("bench", help="every method's speed and quality side by side (tables, plot, grid)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bench_parser(bench)
     bench.set_defaults(func=cmd_bench)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from typing import Callable
 
 import torch
@@ -30,6 +31,8 @@ ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter)
 SUPPORTED = "diffusers SD3Transformer2DModel (SD3, SD3.5, the embedded model) and FluxTransformer2DModel (FLUX.1)"
 
 _STATE_ATTR = "_specdiff_state"
+# The last summary of each transformer, still readable after disable (weak: kept no longer than the model).
+_LAST_SUMMARY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class UnsupportedModelError(TypeError):
@@ -141,6 +144,8 @@ def disable(obj):
     state.runtime.abort()
     state.adapter.uninstall()
     transformer = state.adapter.model
+    if state.runtime.last_summary is not None:
+        _LAST_SUMMARY[transformer] = state.runtime.last_summary
     if state.pipeline is not None:
         state.pipeline.__class__ = state.original_class
         vars(state.pipeline).pop(_STATE_ATTR, None)
@@ -175,10 +180,14 @@ def is_enabled(obj) -> bool:
 
 
 def summary(obj) -> GenerationSummary | None:
-    """What the last generation did, step by step (None before the first)."""
+    """What the last generation did, step by step (None before the first); after `disable`, the last
+    accelerated generation's."""
     state = _state_of(obj)
     if state is None:
-        raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
+        transformer, _ = _transformer_of(obj)
+        if transformer in _LAST_SUMMARY:
+            return _LAST_SUMMARY[transformer]
+        raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__} and has no earlier summary")
     runtime = state.runtime
     current = runtime.summary if runtime.summary is not None and runtime.auto_num_steps else runtime.last_summary
     return current.resolve() if current is not None else None

@@ -288,3 +288,20 @@ def test_taps_run_only_where_a_plan_reads_them(sd3):
     assert [r.tapped for r in real] == [config.is_dense(r.step + 1) is False and r.step + 1 < STEPS for r in real]
     assert [r.tapped for r in real] == [False, True, True, True, False, True, True, False]
     assert summary.scoring_seconds > 0
+
+
+def test_summary_reads_well_everywhere_and_outlives_disable(sd3):
+    import json
+
+    config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=())
+    with specdiff.accelerated(sd3, config) as last_summary:
+        generate(sd3, guidance_scale=5.0)
+        during = last_summary()
+    after = specdiff.summary(sd3)  # disabled now: the last summary is still there
+    assert after is during
+    as_dict = json.loads(json.dumps(after.to_dict()))
+    assert len(as_dict["steps"]) == len(after.records) and as_dict["method"] == "specdiff"
+    assert all(isinstance(step["computed"], int) for step in as_dict["steps"])
+    text = str(after)
+    assert "C2: tokens that copied" in text  # the legend
+    assert len(repr(after)) < 200 and "<table>" in after._repr_html_()

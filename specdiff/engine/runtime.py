@@ -73,25 +73,68 @@ class GenerationSummary:
         done = sum(r.computed * (1.0 if r.blocks_computed is None else r.blocks_computed) for r in self.records)
         return done / sum(r.tokens for r in real)
 
-    def __str__(self) -> str:
-        lines = [f"method: {self.method}   config: {self.config}"]
-        lines.append(
-            f"{'phase':<12}{'branch':>6}{'step':>5}{'timestep':>10}{'kind':>8}{'C1':>7}{'C2':>8}{'C3':>8}{'blocks run':>12}"
-            f"{'taps':>6}"
-        )
-        for r in self.records:
-            blocks = "all" if r.blocks_computed is None else f"{100 * r.blocks_computed:.0f}%"
-            lines.append(
-                f"{r.phase:<12}{r.branch:>6}{r.step:>5}{r.timestep:>10.1f}{r.kind:>8}"
-                f"{r.computed:>7}{r.reused:>8.1f}{r.approximated:>8.1f}{blocks:>12}{'yes' if r.tapped else '-':>6}"
-            )
-        lines.append(
+    LEGEND = (
+        "phase: speculative (the short look-ahead run) or real; branch: 0, or 1 for a second call per step "
+        "(FLUX true CFG); kind: dense (every token) or sparse; C1: image tokens computed per row; C2: tokens "
+        "that copied their last output; C3: tokens extrapolated from their last three outputs; blocks run: "
+        "share of transformer blocks run (block-level methods); taps: attention measured for the next plan"
+    )
+
+    def to_dict(self) -> dict:
+        """Plain numbers, for JSON or a DataFrame: one dict per step under "steps"."""
+        self.resolve()
+        return {
+            "method": self.method, "config": repr(self.config), "total_seconds": self.total_seconds,
+            "speculation_seconds": self.speculation_seconds, "scoring_seconds": self.scoring_seconds,
+            "computed_fraction": self.computed_fraction(),
+            "steps": [dataclasses.asdict(r) for r in self.records],
+        }
+
+    def _rows(self) -> list[tuple]:
+        self.resolve()
+        return [
+            (r.phase, r.branch, r.step, f"{r.timestep:.1f}", r.kind, r.computed, f"{r.reused:.0f}",
+             f"{r.approximated:.0f}", "all" if r.blocks_computed is None else f"{100 * r.blocks_computed:.0f}%",
+             "yes" if r.tapped else "-")
+            for r in self.records
+        ]
+
+    _HEAD = ("phase", "branch", "step", "timestep", "kind", "C1", "C2", "C3", "blocks run", "taps")
+
+    def _footer(self) -> str:
+        total = max(self.total_seconds, 1e-9)
+        return (
             f"total {self.total_seconds:.3f} s; speculation {self.speculation_seconds:.3f} s "
-            f"({100 * self.speculation_seconds / max(self.total_seconds, 1e-9):.1f}%); scoring and bookkeeping "
-            f"{self.scoring_seconds:.3f} s ({100 * self.scoring_seconds / max(self.total_seconds, 1e-9):.1f}%); "
+            f"({100 * self.speculation_seconds / total:.1f}%); scoring and bookkeeping "
+            f"{self.scoring_seconds:.3f} s ({100 * self.scoring_seconds / total:.1f}%); "
             f"token-block work {100 * self.computed_fraction():.1f}% of full compute"
         )
+
+    def __str__(self) -> str:
+        widths = (12, 6, 5, 10, 8, 7, 8, 8, 12, 6)
+        line = lambda cells: "".join(  # noqa: E731
+            f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+        lines = [f"method: {self.method}   config: {self.config}", line(self._HEAD)]
+        lines += [line(row) for row in self._rows()]
+        lines += [self._footer(), self.LEGEND]
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"GenerationSummary(method={self.method!r}, steps={len(self.real_steps())}, "
+                f"total_seconds={self.total_seconds:.3f}, computed_fraction={self.computed_fraction():.3f})")
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython
+        printer.text(repr(self) if cycle else str(self))
+
+    def _repr_html_(self) -> str:  # notebooks
+        import html
+
+        head = "".join(f"<th>{h}</th>" for h in self._HEAD)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                       for row in self._rows())
+        return (f"<p><b>{html.escape(self.method)}</b> {html.escape(str(self.config))}</p>"
+                f"<table><tr>{head}</tr>{body}</table><p>{html.escape(self._footer())}</p>"
+                f"<p><small>{html.escape(self.LEGEND)}</small></p>")
 
 
 @dataclasses.dataclass(frozen=True)
