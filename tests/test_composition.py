@@ -168,6 +168,7 @@ def test_flux_attention_backend_is_honoured():
     # the backend chosen while enabled stays chosen after disable
     assert all(str(getattr(p._attention_backend, "value", p._attention_backend)) == "_native_math"
                for p in pipe.transformer.attn_processors.values())
+    pipe.transformer.set_attention_backend("native")  # diffusers keeps the active backend globally: restore it
 
 
 def _selections(pipe, **extra):
