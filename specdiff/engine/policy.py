@@ -118,6 +118,25 @@ class StepPlan:
 DENSE = StepPlan()
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockCall:
+    """One transformer block call that a block-level policy decides about."""
+
+    index: int  # position of the block in the step, 0 .. count - 1
+    count: int  # blocks per step
+    step: int
+    num_steps: int
+    tokens: torch.Tensor  # (B, N, D) image stream going in
+    text: torch.Tensor | None  # text stream going in
+    run: Callable[..., tuple]  # run(tokens, text, active=None) -> (text, tokens); `active` (B, n) runs a subset
+
+
+class BlockResult(typing.NamedTuple):
+    text: torch.Tensor | None
+    tokens: torch.Tensor
+    work: float  # share of the block's work done (1 = it ran, 0 = reused), shown by specdiff.summary
+
+
 class Policy:
     """Decides, per step, which image tokens run and how the others are filled."""
 
@@ -151,12 +170,17 @@ class Policy:
 
     block_level = False  # True: run_block decides per transformer block
 
+    def new_block_state(self):
+        """Block-level policies: a fresh per-branch state (their own dataclass), made at a branch's first step."""
+        return None
+
     def plan(self, signals: StepSignals) -> StepPlan:
         raise NotImplementedError
 
-    def run_block(self, state: dict, step: int, num_steps: int, index: int, num_blocks: int, block, tokens, text):
-        """Block-level policies only: return (text, tokens) after block `index`."""
-        return block(tokens, text)
+    def run_block(self, state, call: "BlockCall") -> "BlockResult":
+        """Block-level policies only: run, reuse or predict block `call.index` of this step."""
+        text, tokens = call.run(call.tokens, call.text)
+        return BlockResult(text, tokens, 1.0)
 
 
 def share_across_cfg(scores: torch.Tensor, groups: int) -> torch.Tensor:

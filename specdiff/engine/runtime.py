@@ -18,7 +18,7 @@ import torch
 
 from specdiff.engine.attention import AttentionContext
 from specdiff.engine.history import HISTORY_LENGTH, TokenHistory
-from specdiff.engine.policy import Policy, StepPlan, StepSignals
+from specdiff.engine.policy import BlockCall, Policy, StepPlan, StepSignals
 
 
 @dataclasses.dataclass
@@ -155,7 +155,9 @@ class BranchState:
     attention: torch.Tensor | None = None  # taps of the last step
     future: list[tuple[float, torch.Tensor]] = dataclasses.field(default_factory=list)
     step: int = 0
-    policy_state: dict = dataclasses.field(default_factory=dict)  # block-level policies keep theirs here
+    block_state: object = None  # a block-level policy's own state (Policy.new_block_state)
+    block_work: float = 0.0  # block work done in the current step, summed over its block calls
+    block_calls: int = 0
 
 
 class Runtime:
@@ -326,7 +328,21 @@ class Runtime:
         if self.phase != "real" or not self.policy.block_level:
             return block(tokens, text)
         branch = self._branches[self._branch]
-        return self.policy.run_block(branch.policy_state, branch.step, self.num_steps, index, num_blocks, block, tokens, text)
+        if branch.block_state is None:
+            branch.block_state = self.policy.new_block_state()
+        call = BlockCall(index, num_blocks, branch.step, self.num_steps, tokens, text, block)
+        result = self.policy.run_block(branch.block_state, call)
+        branch.block_work += result.work
+        branch.block_calls += 1
+        return result.text, result.tokens
+
+    def _blocks_computed(self, branch: BranchState) -> float | None:
+        """Share of block work done this step (block-level policies, real phase), then reset."""
+        if not self.policy.block_level or self.phase != "real" or not branch.block_calls:
+            return None
+        share = branch.block_work / branch.block_calls
+        branch.block_work, branch.block_calls = 0.0, 0
+        return share
 
     def end_step(self, computed: torch.Tensor) -> torch.Tensor:
         """Take (B, n, P) outputs of the active tokens; return the full (B, N, P) grid."""
@@ -354,7 +370,7 @@ class Runtime:
             kind="dense" if plan.compute is None else "sparse", computed=c1,
             reused=reused, approximated=n_tokens - c1 - reused,
             tokens=n_tokens, scoring_seconds=self._scoring + ctx.tap_seconds + time.perf_counter() - tic,
-            blocks_computed=branch.policy_state.pop("blocks_computed", None), tapped=tapped,
+            blocks_computed=self._blocks_computed(branch), tapped=tapped,
         )
         self.summary.records.append(record)
         if pending is not None:

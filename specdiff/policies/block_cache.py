@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from specdiff.engine.policy import DENSE, Policy, StepPlan, StepSignals
+from specdiff.engine.policy import DENSE, BlockCall, BlockResult, Policy, StepPlan, StepSignals
 
 
 class BlockLevelPolicy(Policy):
@@ -23,21 +23,18 @@ def full_step(step: int, warmup_steps: int, interval: int) -> bool:
     return step < warmup_steps or (step - warmup_steps) % interval == 0
 
 
-def run_and_measure(block, tokens: torch.Tensor, text: torch.Tensor | None):
-    """Run the block; return (text, tokens, residual) with residual = (image delta, text delta or None)."""
-    new_text, new_tokens = block(tokens, text)
-    text_delta = None if new_text is None or text is None else new_text - text
-    return new_text, new_tokens, (new_tokens - tokens, text_delta)
+Residual = tuple  # (image delta (B, N, D), text delta or None)
 
 
-def add_residual(tokens: torch.Tensor, text: torch.Tensor | None, residual):
+def run_and_measure(call: BlockCall) -> tuple[BlockResult, Residual]:
+    """Run the block; return its result and its residual (output - input, per stream)."""
+    new_text, new_tokens = call.run(call.tokens, call.text)
+    text_delta = None if new_text is None or call.text is None else new_text - call.text
+    return BlockResult(new_text, new_tokens, 1.0), (new_tokens - call.tokens, text_delta)
+
+
+def add_residual(call: BlockCall, residual: Residual) -> BlockResult:
+    """The block skipped: its input plus a stored or predicted residual."""
     image_delta, text_delta = residual
-    new_text = None if text_delta is None else text + text_delta
-    return new_text, tokens + image_delta
-
-
-def count_block(state: dict, computed: float, index: int, num_blocks: int) -> None:
-    """Tally the share of block work done this step (1 = the whole block ran; shown by specdiff.summary)."""
-    state["_ran"] = state.get("_ran", 0) + float(computed) if index else float(computed)
-    if index == num_blocks - 1:
-        state["blocks_computed"] = state.pop("_ran") / num_blocks
+    new_text = None if text_delta is None else call.text + text_delta
+    return BlockResult(new_text, call.tokens + image_delta, 0.0)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from specdiff.engine.policy import PolicyConfig, check_int, check_range
-from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, count_block, run_and_measure
+import torch
+
+from specdiff.engine.policy import BlockCall, BlockResult, PolicyConfig, check_int, check_range
+from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, run_and_measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,22 +40,26 @@ class FirstBlockCacheConfig(PolicyConfig):
 class FirstBlockCachePolicy(BlockLevelPolicy):
     config: FirstBlockCacheConfig
 
-    def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
-        cache = state.setdefault("residuals", {})
-        if index == 0:
-            text, tokens, residual = run_and_measure(block, tokens, text)
-            previous = state.get("first")
-            state["first"] = residual[0]
-            skip = False
-            if previous is not None and step >= self.config.warmup_steps and len(cache) == num_blocks - 1:
+    def new_block_state(self) -> "FirstBlockState":
+        return FirstBlockState()
+
+    def run_block(self, state: "FirstBlockState", call: BlockCall) -> BlockResult:
+        if call.index == 0:
+            result, residual = run_and_measure(call)
+            previous, state.first = state.first, residual[0]
+            state.skip = False
+            if previous is not None and call.step >= self.config.warmup_steps and len(state.residuals) == call.count - 1:
                 change = (residual[0] - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12)
-                skip = change.item() < self.config.threshold
-            state["skip"] = skip
-            count_block(state, True, index, num_blocks)
-            return text, tokens
-        skip = state["skip"]
-        count_block(state, not skip, index, num_blocks)
-        if skip:
-            return add_residual(tokens, text, cache[index])
-        text, tokens, cache[index] = run_and_measure(block, tokens, text)
-        return text, tokens
+                state.skip = change.item() < self.config.threshold
+            return result
+        if state.skip:
+            return add_residual(call, state.residuals[call.index])
+        result, state.residuals[call.index] = run_and_measure(call)
+        return result
+
+
+@dataclasses.dataclass
+class FirstBlockState:
+    residuals: dict = dataclasses.field(default_factory=dict)  # block index (>= 1) -> its last residual
+    first: torch.Tensor | None = None  # the first block's last image residual
+    skip: bool = False  # this step reuses blocks 1 .. count - 1

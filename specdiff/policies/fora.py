@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from specdiff.engine.policy import PolicyConfig, check_int
-from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, count_block, run_and_measure
+from specdiff.engine.policy import BlockCall, BlockResult, PolicyConfig, check_int
+from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, run_and_measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +34,11 @@ class FORAConfig(PolicyConfig):
 class FORAPolicy(BlockLevelPolicy):
     config: FORAConfig
 
-    def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
-        cache = state.setdefault("residuals", {})
-        full = step % self.config.interval == 0 or index not in cache
-        count_block(state, full, index, num_blocks)
-        if full:
-            text, tokens, cache[index] = run_and_measure(block, tokens, text)
-            return text, tokens
-        return add_residual(tokens, text, cache[index])
+    def new_block_state(self) -> dict:
+        return {}  # block index -> its last residual
+
+    def run_block(self, residuals: dict, call: BlockCall) -> BlockResult:
+        if call.step % self.config.interval == 0 or call.index not in residuals:
+            result, residuals[call.index] = run_and_measure(call)
+            return result
+        return add_residual(call, residuals[call.index])

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from specdiff.engine.policy import PolicyConfig, check_int
-from specdiff.policies.block_cache import BlockLevelPolicy, count_block, full_step, run_and_measure
+from specdiff.engine.policy import BlockCall, BlockResult, PolicyConfig, check_int
+from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, full_step, run_and_measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +43,13 @@ class TaylorSeerConfig(PolicyConfig):
 class TaylorSeerPolicy(BlockLevelPolicy):
     config: TaylorSeerConfig
 
-    def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
-        factors = state.setdefault("factors", {})  # index -> (step, [d0, d1, ...] per stream)
-        full = full_step(step, self.config.warmup_steps, self.config.interval) or index not in factors
-        count_block(state, full, index, num_blocks)
-        if full:
-            text, tokens, residual = run_and_measure(block, tokens, text)
+    def new_block_state(self) -> dict:
+        return {}  # block index -> (step of its last full run, [residual, 1st difference, ...])
+
+    def run_block(self, factors: dict, call: BlockCall) -> BlockResult:
+        step, index = call.step, call.index
+        if full_step(step, self.config.warmup_steps, self.config.interval) or index not in factors:
+            result, residual = run_and_measure(call)
             previous = factors.get(index)
             derivatives = [residual]
             if previous is not None:
@@ -62,12 +63,11 @@ class TaylorSeerPolicy(BlockLevelPolicy):
                         for new, old in zip(derivatives[k - 1], last[k - 1])
                     ))
             factors[index] = (step, derivatives)
-            return text, tokens
+            return result
         anchor_step, derivatives = factors[index]
         distance = step - anchor_step
         image = sum(d[0] * distance**k / math.factorial(k) for k, d in enumerate(derivatives))
         text_delta = None
         if derivatives[0][1] is not None:
             text_delta = sum(d[1] * distance**k / math.factorial(k) for k, d in enumerate(derivatives))
-        new_text = None if text_delta is None else text + text_delta
-        return new_text, tokens + image
+        return add_residual(call, (image, text_delta))

@@ -18,9 +18,9 @@ import dataclasses
 
 import torch
 
+from specdiff.engine.policy import BlockCall, BlockResult, PolicyConfig, check_int, check_range, top_tokens
 from specdiff.engine.tokens import gather_tokens
-from specdiff.engine.policy import PolicyConfig, check_int, check_range, top_tokens
-from specdiff.policies.block_cache import BlockLevelPolicy, count_block, full_step, run_and_measure
+from specdiff.policies.block_cache import BlockLevelPolicy, full_step, run_and_measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,23 +52,29 @@ class ToCaConfig(PolicyConfig):
 class ToCaPolicy(BlockLevelPolicy):
     config: ToCaConfig
 
-    def run_block(self, state, step, num_steps, index, num_blocks, block, tokens, text):
-        residuals = state.setdefault("residuals", {})
-        stale = state.setdefault("stale", {})
-        if full_step(step, self.config.warmup_steps, self.config.interval) or index not in residuals:
-            count_block(state, 1.0, index, num_blocks)
-            text, tokens, residuals[index] = run_and_measure(block, tokens, text)
-            stale[index] = torch.zeros(tokens.shape[:2], device=tokens.device)
-            return text, tokens
-        image_residual, _ = residuals[index]
-        score = image_residual.float().norm(dim=-1) * torch.exp(self.config.staleness_scale * stale[index])
+    def new_block_state(self) -> "ToCaState":
+        return ToCaState()
+
+    def run_block(self, state: "ToCaState", call: BlockCall) -> BlockResult:
+        index, tokens, text = call.index, call.tokens, call.text
+        if full_step(call.step, self.config.warmup_steps, self.config.interval) or index not in state.residuals:
+            result, state.residuals[index] = run_and_measure(call)
+            state.stale[index] = torch.zeros(tokens.shape[:2], device=tokens.device)
+            return result
+        image_residual, _ = state.residuals[index]
+        score = image_residual.float().norm(dim=-1) * torch.exp(self.config.staleness_scale * state.stale[index])
         active = top_tokens(score, 1.0 - self.config.recompute_ratio)
-        count_block(state, active.shape[1] / tokens.shape[1], index, num_blocks)
         subset = gather_tokens(tokens, active)
-        new_text, new_subset = block(subset, text, active=active)
+        new_text, new_subset = call.run(subset, text, active=active)
         index_rows = active.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
         image_residual = image_residual.scatter(1, index_rows, new_subset - subset)
         text_residual = None if new_text is None or text is None else new_text - text
-        residuals[index] = (image_residual, text_residual)
-        stale[index] = (stale[index] + 1).scatter(1, active, 0.0)
-        return new_text, tokens + image_residual
+        state.residuals[index] = (image_residual, text_residual)
+        state.stale[index] = (state.stale[index] + 1).scatter(1, active, 0.0)
+        return BlockResult(new_text, tokens + image_residual, active.shape[1] / tokens.shape[1])
+
+
+@dataclasses.dataclass
+class ToCaState:
+    residuals: dict = dataclasses.field(default_factory=dict)  # block index -> (image, text) residual
+    stale: dict = dataclasses.field(default_factory=dict)  # block index -> (B, N) steps since each token ran
