@@ -65,7 +65,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_config(args):
-    from specdiff.evaluation.benchmark import _parse_value
+    from specdiff.evaluation.methods import _parse_value
     from specdiff.engine.policy import ConfigError
     from specdiff.policies.registry import POLICIES, config_for
 

@@ -94,7 +94,7 @@ def test_diffusers_peer_runs_in_the_same_table(tmp_path):
 
 
 def test_peer_refuses_what_it_cannot_run(tmp_path, capsys):
-    from specdiff.evaluation.benchmark import parse_method
+    from specdiff.evaluation.methods import parse_method
     from specdiff.evaluation.peers import diffusers_cache
     from specdiff.tiny_pipelines import tiny_sd3_pipeline
 

@@ -371,7 +371,7 @@ def test_ctrl_c_ends_with_one_line_and_exit_code_130(monkeypatch, tmp_path, caps
 
 
 def test_an_interrupted_bench_never_looks_finished(monkeypatch, tmp_path):
-    import specdiff.evaluation.benchmark as bench
+    import specdiff.evaluation.benchmark as bench  # run_benchmark looks image_grid up here
     from specdiff.cli import main
 
     out = tmp_path / "bench"
