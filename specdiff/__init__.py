@@ -1,43 +1,49 @@
-"""specdiff: training-free acceleration of diffusion transformers by self-speculative token caching."""
+"""specdiff: training-free acceleration of diffusion transformers by self-speculative token caching.
 
-from specdiff.engine.runtime import GenerationSummary
-from specdiff.engine.runtime import StepEvent
-from specdiff.integration import (
-    SUPPORTED, UnsupportedModelError, accelerated, disable, enable, is_enabled, observe, summary,
-)
-from specdiff.engine.policy import ConfigError
-from specdiff.policies.first_block import FirstBlockCacheConfig
-from specdiff.policies.fora import FORAConfig
-from specdiff.policies.full import FullComputeConfig
-from specdiff.policies.random_tokens import RandomTokensConfig
-from specdiff.policies.ras import RASConfig
-from specdiff.policies.registry import POLICIES, config_for
-from specdiff.policies.specdiff import SpecDiffConfig
-from specdiff.policies.taylorseer import TaylorSeerConfig
-from specdiff.policies.toca import ToCaConfig
+Names are imported on first use, so `specdiff --help` and `import specdiff.cli` do not pay for
+torch and diffusers until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError",
-    "FORAConfig",
-    "FirstBlockCacheConfig",
-    "FullComputeConfig",
-    "GenerationSummary",
-    "POLICIES",
-    "RASConfig",
-    "RandomTokensConfig",
-    "SUPPORTED",
-    "SpecDiffConfig",
-    "StepEvent",
-    "TaylorSeerConfig",
-    "ToCaConfig",
-    "UnsupportedModelError",
-    "accelerated",
-    "config_for",
-    "disable",
-    "enable",
-    "is_enabled",
-    "observe",
-    "summary",
-]
+_WHERE = {
+    "ConfigError": "specdiff.engine.policy",
+    "FORAConfig": "specdiff.policies.fora",
+    "FirstBlockCacheConfig": "specdiff.policies.first_block",
+    "FullComputeConfig": "specdiff.policies.full",
+    "GenerationSummary": "specdiff.engine.runtime",
+    "POLICIES": "specdiff.policies.registry",
+    "RASConfig": "specdiff.policies.ras",
+    "RandomTokensConfig": "specdiff.policies.random_tokens",
+    "SUPPORTED": "specdiff.integration",
+    "SpecDiffConfig": "specdiff.policies.specdiff",
+    "StepEvent": "specdiff.engine.runtime",
+    "TaylorSeerConfig": "specdiff.policies.taylorseer",
+    "ToCaConfig": "specdiff.policies.toca",
+    "UnsupportedModelError": "specdiff.integration",
+    "accelerated": "specdiff.integration",
+    "config_for": "specdiff.policies.registry",
+    "disable": "specdiff.integration",
+    "enable": "specdiff.integration",
+    "is_enabled": "specdiff.integration",
+    "observe": "specdiff.integration",
+    "summary": "specdiff.integration",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'specdiff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -339,7 +339,9 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(method_options: bool = True) -> argparse.ArgumentParser:
+    """The parser; method_options=False leaves out generate's per-field options, whose config classes
+    import torch (main builds them only for `specdiff generate`, so `specdiff --help` starts fast)."""
     parser = argparse.ArgumentParser(prog="specdiff", description="Faster diffusion transformers by token caching.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -368,10 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="specdiff-output", help="folder for the images (created)")
     gen.add_argument("--summary", action="store_true", help="print the per-step table of the accelerated run")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_config_options(gen)
+    if method_options:
+        _add_config_options(gen)
     gen.set_defaults(func=cmd_generate)
 
-    from specdiff.evaluation.benchmark import build_parser as bench_parser
+    from specdiff.evaluation.bench_args import build_parser as bench_parser
 
     bench = sub.add_parser("bench", help="every method's speed and quality side by side (tables, plot, grid)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -384,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(method_options=bool(argv) and argv[0] == "generate").parse_args(argv)
     if getattr(args, "steps", 1) is not None and getattr(args, "steps", 1) < 1:
         print("specdiff: error: --steps must be at least 1", file=sys.stderr)
         return 2

@@ -114,3 +114,16 @@ def test_every_config_field_has_a_generate_option():
     for config_type, _ in POLICIES.values():
         for field in dataclasses.fields(config_type):
             assert "--" + field.name.replace("_", "-") in help_text
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["methods", "--help"]])
+def test_help_imports_neither_torch_nor_diffusers(argv):
+    """`specdiff --help` stays fast: measured by what it imports, not by a wall-clock race."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom specdiff.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers'})\n"
+            "print('HEAVY', heavy)") % (argv,)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "HEAVY []" in out, out[-500:]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from specdiff.engine.policy import ConfigError
 from specdiff.evaluation.methods import FULL, MethodSpec, parse_method
+from specdiff.evaluation.bench_args import build_parser
 from specdiff.evaluation.report import image_grid, markdown_table, pareto_plot, save_images, strict_json
 
 
@@ -348,38 +349,12 @@ def run_benchmark(args, check_size=None) -> list[dict]:
     return rows
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded", help="embedded (default), tiny-sd3, tiny-flux, or a local folder")
-    p.add_argument("--methods", nargs="+", default=["full", "specdiff"],
-                   help="method[:key=value,...]; full compute is always included as the reference")
-    p.add_argument("--num-prompts", type=int, default=16, help="prompts to generate with every method")
-    p.add_argument("--split", default="heldout", choices=["heldout", "train"], help="embedded model's prompt set")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps of every method")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
-    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, the same for every method")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--out", default="bench-output", help="folder for results.json, results.md, plots, grid")
-    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts to use, one per line (e.g. COCO captions)")
-    p.add_argument("--clip-model", default=None, metavar="FOLDER_OR_ID",
-                   help="a CLIP model in a local folder or your hub cache: adds the CLIP score (never downloaded)")
-    p.add_argument("--fid-inception", default=None, metavar="FILE",
-                   help="a local TorchScript Inception (inception-2015-12-05.pt of StyleGAN2-ADA / clean-fid): adds FID")
-    p.add_argument("--fid-reference", default=None, metavar="FOLDER",
-                   help="real images for FID (default: the full-compute images of the same prompts)")
-    p.add_argument("--save-images", action="store_true",
-                   help="also write every image as OUT/images/<method>/<prompt index>.png (e.g. for FID elsewhere)")
-    return p
-
-
 def main(argv=None) -> None:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter)).parse_args(argv)
     args.argv = argv
     run_benchmark(args)
 
