@@ -229,6 +229,12 @@ def cmd_generate(args) -> int:
     config = _build_config(args)
     out = check_output_folder(args.out)
     args.device = check_device(args.device)
+    if args.quiet:  # also the loading bars of diffusers and transformers
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     if args.threads is not None:
         if args.threads < 1:
             raise CLIError(f"--threads must be at least 1, got {args.threads}")
@@ -245,6 +251,10 @@ def cmd_generate(args) -> int:
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     print(f"model: {description}; method: {config}; torch threads: {torch.get_num_threads()}")
     method = config.method
+    warmup = getattr(config, "warmup_steps", 0)
+    if warmup >= args.steps:
+        print(f"specdiff: warning: warmup_steps={warmup} covers all {args.steps} steps: every step runs in full "
+              "and nothing is cached", file=sys.stderr)
 
     if not args.compare:
         with specdiff.accelerated(pipe, config) as last_summary:

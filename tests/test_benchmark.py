@@ -67,10 +67,15 @@ def test_two_processes_give_the_same_numbers_as_one(tmp_path):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     assert main(["bench", *ARGS, "--out", str(single)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    import socket
+
+    with socket.socket() as probe:  # a free port: a fixed one can still be held by an earlier run
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
            "-m", "specdiff.evaluation.benchmark", *ARGS, "--out", str(sharded)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-2000:]
     one = json.loads((single / "results.json").read_text())
     two = json.loads((sharded / "results.json").read_text())
     assert two["meta"]["processes"] == 2
@@ -246,3 +251,24 @@ def test_scene_prompts_get_the_strict_metric_with_its_chance_level(tmp_path, cap
     assert main(["bench", "--methods", "full", "--prompts", str(prose), "--num-prompts", "2", "--steps", "2",
                  "--out", str(tmp_path / "prose")]) == 0
     assert "not scene captions" in capsys.readouterr().out
+
+
+def test_a_peer_that_cannot_run_is_refused_before_any_generation(tmp_path, capsys, monkeypatch):
+    import specdiff.evaluation.benchmark as bench
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before refusing")
+
+    monkeypatch.setattr(bench, "run_shard", no_generation)
+    assert main(["bench", "--methods", "full", "diffusers-fbc", "--num-prompts", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("specdiff: error: diffusers-fbc") and "CacheMixin" in err and "\n" not in err
+
+
+def test_other_libraries_log_lines_are_held_back_and_reported(tmp_path, capsys):
+    assert main(["bench", "--model", "tiny-sd3", "--methods", "full", "cache-dit-dbcache", "--num-prompts", "1",
+                 "--steps", "3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[Cache-DiT]" not in out and "held back" in out
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert any("cache_dit" in key for key in meta["library_messages"])

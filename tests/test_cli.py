@@ -127,3 +127,10 @@ def test_help_imports_neither_torch_nor_diffusers(argv):
             "print('HEAVY', heavy)") % (argv,)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert "HEAVY []" in out, out[-500:]
+
+
+def test_settings_that_cache_nothing_are_named(tmp_path, capsys):
+    assert main(["generate", "a red circle on a white background", "--steps", "3", "--warmup-steps", "5",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "nothing is cached" in err and "Loading" not in err

@@ -12,6 +12,7 @@ pareto.png and grid.png under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -244,6 +245,32 @@ def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None,
     return rows
 
 
+@contextlib.contextmanager
+def library_messages(prefixes=("cache_dit", "CACHE_DIT", "diffusers")):
+    """Hold back other libraries' log lines (cache-dit's "Acceleration hooks is disabled" reads like a
+    failure) while a block runs; yields {(logger, message): count} to report once at the end."""
+    import collections
+    import logging
+
+    counts: collections.Counter = collections.Counter()
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            counts[(record.name.split(".")[0], record.getMessage().strip().splitlines()[0][:200])] += 1
+
+    handler, saved = Collect(level=logging.INFO), []
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in prefixes]
+    for name in names + [p for p in prefixes if p not in names]:  # cache-dit gives each module its own handler
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers, logger.propagate = [handler], False
+    try:
+        yield counts
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+
+
 def _native_scene_size(pipe, extra: dict) -> bool:
     size = pipe.style.image_size
     return extra.get("height", size) == size and extra.get("width", size) == size
@@ -275,10 +302,20 @@ def run_benchmark(args, check_size=None) -> list[dict]:
 
         extractor = InceptionFeatures(args.fid_inception, device)
         fid = (extractor, folder_features(extractor, args.fid_reference) if args.fid_reference else None)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"bench: loading {args.model}")
     pipe, extra = load_bench_pipeline(args.model, str(device))
     pipe.set_progress_bar_config(disable=True)
     if check_size is not None:
         check_size(pipe, args.height, args.width)
+    from specdiff.evaluation.peers import check_peer
+
+    for spec in methods:
+        if spec.peer is not None:
+            try:
+                check_peer(pipe, spec.peer[0])
+            except ValueError as error:
+                raise ConfigError(f"{spec.label}: {error}") from None
     if args.guidance is not None:
         extra["guidance_scale"] = args.guidance
     for side in ("height", "width"):
@@ -290,9 +327,11 @@ def run_benchmark(args, check_size=None) -> list[dict]:
         size = pipe.style.image_size
         print(f"bench: the checker reads {size} x {size} scenes only: alignment and Fréchet distance are left out at this size")
     shard = list(range(rank, len(prompts), world))  # every prompt exactly once over the ranks
-    _generate(pipe, prompts[:1], [args.seed], 2, extra, device)  # warm-up
-    records = run_shard(pipe, methods, prompts, shard, args.seed, args.steps, args.batch_size, extra, device,
-                        show_progress=rank == 0)
+    say(f"bench: warm-up, then {len(prompts)} prompts x {len(methods)} methods, interleaved per batch")
+    with library_messages() as messages:
+        _generate(pipe, prompts[:1], [args.seed], 2, extra, device)  # warm-up
+        records = run_shard(pipe, methods, prompts, shard, args.seed, args.steps, args.batch_size, extra, device,
+                            show_progress=rank == 0)
     if distributed:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
@@ -301,7 +340,13 @@ def run_benchmark(args, check_size=None) -> list[dict]:
         if distributed:
             dist.destroy_process_group()
         return []
-    flops = {m.label: _flops(pipe, m, prompts[0], args.seed, args.steps, extra) for m in methods}
+    flops = {}
+    with library_messages() as more_messages:
+        for m in tqdm(methods, desc="FLOPs (one counted generation per method)"):
+            flops[m.label] = _flops(pipe, m, prompts[0], args.seed, args.steps, extra)
+    messages.update(more_messages)
+    say("bench: scoring quality (PSNR / SSIM" + (", alignment, Fréchet distance" if checker_reads else "")
+        + (", CLIP" if clip else "") + (", FID" if fid else "") + ")")
     checker = None
     if checker_reads:
         from specdiff.reference.checker import load_checker
@@ -324,6 +369,7 @@ def run_benchmark(args, check_size=None) -> list[dict]:
             "alignment": ("strict: exact_scene = background and every named attribute right, nothing unasked drawn; "
                           "align_chance_* = the same score against another prompt's scene") if checker_reads else None,
             "fid_reference": (args.fid_reference or "full-compute images") if args.fid_inception else None,
+            "library_messages": {f"{logger}: {text}": count for (logger, text), count in sorted(messages.items())},
         }
         per_prompt = [{k: v for k, v in r.items() if k != "images"} for r in records]
         table = markdown_table(rows)
@@ -342,6 +388,10 @@ def run_benchmark(args, check_size=None) -> list[dict]:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(table)
+    if messages:
+        print(f"bench: {sum(messages.values())} log messages of other libraries were held back "
+              f"({len(messages)} distinct, e.g. {next(iter(messages))[1][:80]!r}); they are in results.json "
+              "meta.library_messages")
     written = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in final.iterdir() if not p.name.startswith(".")))
     print(f"bench: results in {final}: {written}")
     if distributed:

@@ -17,6 +17,27 @@ import contextlib
 PEERS = ("diffusers-taylorseer", "diffusers-fbc", "cache-dit-dbcache")
 
 
+def check_peer(pipe, name: str) -> None:
+    """Refuse, before any generation, a peer that cannot run on this pipeline (one line saying why)."""
+    if name == "cache-dit-dbcache":
+        import os
+
+        os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # read when cache_dit is first imported
+        try:
+            import cache_dit  # noqa: F401
+        except ImportError:
+            raise ValueError("cache-dit-dbcache needs the cache-dit package: pip install cache-dit") from None
+    if name == "diffusers-fbc":
+        from diffusers.models.cache_utils import CacheMixin
+
+        if not isinstance(pipe.transformer, CacheMixin):
+            raise ValueError(
+                f"diffusers-fbc cannot run on {type(pipe.transformer).__name__}: diffusers' FirstBlockCache needs "
+                "a transformer with its CacheMixin (FLUX here); on SD3-family models it hooks the last block, "
+                "which returns no text stream"
+            )
+
+
 @contextlib.contextmanager
 def cache_dit_dbcache(pipe, fields: dict):
     """cache-dit's DBCache (F1B0 unless told otherwise); pipelines it does not know
