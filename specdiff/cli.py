@@ -374,7 +374,8 @@ def build_parser(method_options: bool = True) -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--repeats", type=int, default=3, help="--compare: timed pairs (median and range are reported)")
-    gen.add_argument("--model", default=None, help="local diffusers SD3 / SD3.5 / FLUX folder (default: embedded model)")
+    gen.add_argument("--model", default=None,
+                     help="local diffusers SD3 / SD3.5 / FLUX folder, or embedded-v2 (default: the embedded model)")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--out", default="specdiff-output", help="folder for the images (created)")

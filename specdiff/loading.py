@@ -23,6 +23,10 @@ def load_pipeline(model: str | None, device: str, dtype_name: str):
             return load_scene_pipeline(dtype=dtype).to(device), "embedded scene model"
         except CorruptModelError as error:
             raise ModelLoadError(str(error)) from None
+    if model == "embedded-v2":  # the next embedded model, while it trains (its model card says how far)
+        from specdiff.reference.pipeline import WEIGHTS_V2_DIR
+
+        model = str(WEIGHTS_V2_DIR)
     folder = Path(model).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(f"--model {model}: no such folder (give a local diffusers pipeline folder)")

@@ -7,7 +7,7 @@ import argparse
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="embedded", help="embedded (default), tiny-sd3, tiny-flux, or a local folder")
+    p.add_argument("--model", default="embedded", help="embedded (default), embedded-v2, tiny-sd3, tiny-flux, or a local folder")
     p.add_argument("--methods", nargs="+", default=["full", "specdiff"],
                    help="method[:key=value,...]; full compute is always included as the reference")
     p.add_argument("--num-prompts", type=int, default=16, help="prompts to generate with every method")

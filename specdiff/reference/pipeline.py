@@ -22,6 +22,7 @@ from PIL import Image
 from specdiff.reference.scenes import V1, SceneStyle, get_style
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_V2_DIR = Path(__file__).parent / "weights_v2"
 CHECKSUMS = "SHA256SUMS"
 STYLE_FILE = "scene_style.json"  # which scene data the weights learned (absent: v1)
 DEFAULT_GUIDANCE = 4.0
