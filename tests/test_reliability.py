@@ -46,70 +46,70 @@ def _sharing(pipe):
 
 # -- threads -------------------------------------------------------------------
 
+class PausedGeneration:
+    """Runs `pipe` in a thread and holds it at step `at_step` (its caches live) until `finish()`."""
+
+    def __init__(self, pipe, at_step: int) -> None:
+        self.paused, self.resume, self.result = threading.Event(), threading.Event(), {}
+
+        def pause(pipe, step, timestep, kwargs):
+            if step == at_step and not self.paused.is_set():
+                self.paused.set()
+                assert self.resume.wait(60)
+            return kwargs
+
+        self.thread = threading.Thread(target=lambda: self.result.setdefault(
+            "images", run(pipe, callback_on_step_end=pause)))
+        self.thread.start()
+        assert self.paused.wait(60)
+
+    def finish(self):
+        self.resume.set()
+        self.thread.join(60)
+        return self.result["images"]
+
+
+def _in_thread(call):
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except RuntimeError as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(60)
+    return outcome
+
+
 def test_a_plain_pipeline_sharing_the_transformer_runs_plain_from_another_thread(sd3):
     plain_pipe = _sharing(sd3)
     expected_plain = run(plain_pipe)
     specdiff.enable(sd3, FAST)
     try:
         expected_fast = run(sd3)
-        paused, resume = threading.Event(), threading.Event()
-
-        def pause_mid_generation(pipe, step, timestep, kwargs):
-            if step == 2 and not paused.is_set():
-                paused.set()
-                assert resume.wait(60)
-            return kwargs
-
-        results = {}
-        fast_thread = threading.Thread(target=lambda: results.setdefault(
-            "fast", run(sd3, callback_on_step_end=pause_mid_generation)))
-        fast_thread.start()
-        assert paused.wait(60)
-        # the accelerated generation is mid-way (its caches live); the plain one runs meanwhile
-        plain_thread = threading.Thread(target=lambda: results.setdefault("plain", run(plain_pipe)))
-        plain_thread.start()
-        plain_thread.join(60)
-        resume.set()
-        fast_thread.join(60)
+        accelerated = PausedGeneration(sd3, at_step=2)
+        plain = _in_thread(lambda: run(plain_pipe))  # runs while the accelerated generation is mid-way
+        fast = accelerated.finish()
     finally:
         specdiff.disable(sd3)
-    torch.testing.assert_close(results["plain"], expected_plain, rtol=0, atol=0)
-    torch.testing.assert_close(results["fast"], expected_fast, rtol=0, atol=0)
+    torch.testing.assert_close(plain["value"], expected_plain, rtol=0, atol=0)
+    torch.testing.assert_close(fast, expected_fast, rtol=0, atol=0)
 
 
 def test_one_enabled_pipeline_used_from_two_threads_at_once_is_refused(sd3):
     specdiff.enable(sd3, FAST)
     try:
-        paused, resume = threading.Event(), threading.Event()
-
-        def pause(pipe, step, timestep, kwargs):
-            if step == 1 and not paused.is_set():
-                paused.set()
-                assert resume.wait(60)
-            return kwargs
-
-        first = {}
-        thread = threading.Thread(target=lambda: first.setdefault("images", run(sd3, callback_on_step_end=pause)))
-        thread.start()
-        assert paused.wait(60)
-        errors = []
-        second = threading.Thread(target=lambda: _record_error(errors, lambda: run(sd3)))
-        second.start()
-        second.join(60)
-        resume.set()
-        thread.join(60)
-        assert len(errors) == 1 and "another thread" in str(errors[0])
-        assert first["images"].shape == (1, 3, 64, 64)
-        torch.testing.assert_close(run(sd3), first["images"], rtol=0, atol=0)  # usable again afterwards
+        first = PausedGeneration(sd3, at_step=1)
+        second = _in_thread(lambda: run(sd3))
+        images = first.finish()
+        assert "another thread" in str(second.get("error"))
+        assert images.shape == (1, 3, 64, 64)
+        torch.testing.assert_close(run(sd3), images, rtol=0, atol=0)  # usable again afterwards
     finally:
         specdiff.disable(sd3)
-
-
-def _record_error(errors, call):
-    try:
-        call()
-    except RuntimeError as error:
-        errors.append(error)
 
 
 # -- randomness ----------------------------------------------------------------
