@@ -305,3 +305,22 @@ def test_summary_reads_well_everywhere_and_outlives_disable(sd3):
     text = str(after)
     assert "C2: tokens that copied" in text  # the legend
     assert len(repr(after)) < 200 and "<table>" in after._repr_html_()
+
+
+@pytest.mark.parametrize("config, holds", [
+    (specdiff.FullComputeConfig(), False), (specdiff.FORAConfig(interval=2), False),
+    (specdiff.TaylorSeerConfig(interval=2, warmup_steps=1), False),
+    (specdiff.RASConfig(cache_ratio=0.5, warmup_steps=2), True),
+])
+def test_key_value_caches_only_for_methods_that_read_them(sd3, config, holds):
+    from specdiff.integration import _state_of
+
+    seen = []
+
+    def look(pipe, step, timestep, kwargs):
+        seen.append(sum(len(branch.kv) for branch in _state_of(pipe).runtime._branches))
+        return kwargs
+
+    with specdiff.accelerated(sd3, config):
+        generate(sd3, callback_on_step_end=look)
+    assert (max(seen) > 0) == holds

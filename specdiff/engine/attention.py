@@ -58,9 +58,10 @@ def merge_image_kv(
     if full_k.shape[0] != key.shape[0]:
         raise RuntimeError("batch size changed inside one generation")
     index = ctx.active[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1])
-    full_k = full_k.scatter(2, index, key)
-    full_v = full_v.scatter(2, index, value)
-    ctx.kv[layer] = (full_k, full_v)
+    # in place: the cache is this layer's own (nothing else reads the tensors stored at the dense step),
+    # so a sparse step writes its active rows without copying all N rows of keys and values
+    full_k.scatter_(2, index, key)
+    full_v.scatter_(2, index, value)
     return full_k, full_v
 
 
@@ -94,7 +95,9 @@ def tap_attention(
     if ctx.tap_include_text and text_queries is not None:
         queries = torch.cat([queries, text_queries], dim=2)
     scale = scale if scale is not None else 1.0 / math.sqrt(queries.shape[-1])
-    weights = torch.softmax((queries.float() * scale) @ keys.float().transpose(-1, -2), dim=-1)
+    # logits in the model's dtype with the scale folded into the few queries (no fp32 copy of all keys);
+    # the softmax and the sums in fp32
+    weights = torch.softmax(((queries * scale) @ keys.transpose(-1, -2)).float(), dim=-1)
     heads = weights.shape[1]
     received = weights.sum(dim=(1, 2))[:, image_key_slice] / heads  # heads averaged, queries summed
     if ctx.tap_sum is None:

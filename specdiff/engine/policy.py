@@ -169,6 +169,7 @@ class Policy:
         return self.tap_queries > 0
 
     block_level = False  # True: run_block decides per transformer block
+    reads_kv_cache = False  # True: its sparse steps attend to cached keys / values of all image tokens
 
     def new_block_state(self):
         """Block-level policies: a fresh per-branch state (their own dataclass), made at a branch's first step."""

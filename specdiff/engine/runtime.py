@@ -313,7 +313,7 @@ class Runtime:
         self._step_timestep = timestep
         ctx.enabled = True
         ctx.active = plan.compute
-        ctx.kv = branch.kv
+        ctx.kv = branch.kv if self.policy.reads_kv_cache else None  # no caches for methods that never read them
         ctx.tap_sum = None
         ctx.tap_seconds = 0.0
         taps = self.phase == "speculative" or self.policy.needs_attention_after(branch.step, self.num_steps)

@@ -39,6 +39,7 @@ class RandomTokensConfig(DenseScheduleConfig):
 
 class RandomTokensPolicy(Policy):
     config: RandomTokensConfig
+    reads_kv_cache = True
 
     def plan(self, signals: StepSignals) -> StepPlan:
         if self.config.is_dense(signals.step) or not signals.last_outputs:

@@ -58,6 +58,7 @@ class RASConfig(DenseScheduleConfig):
 
 class RASPolicy(Policy):
     config: RASConfig
+    reads_kv_cache = True
 
     def plan(self, signals: StepSignals) -> StepPlan:
         if self.config.is_dense(signals.step) or not signals.last_outputs:

@@ -81,6 +81,7 @@ class SpecDiffConfig(DenseScheduleConfig):
 
 class SpecDiffPolicy(Policy):
     config: SpecDiffConfig
+    reads_kv_cache = True
 
     @property
     def speculative_steps(self) -> int:

@@ -51,6 +51,7 @@ class ToCaConfig(PolicyConfig):
 
 class ToCaPolicy(BlockLevelPolicy):
     config: ToCaConfig
+    reads_kv_cache = True
 
     def new_block_state(self) -> "ToCaState":
         return ToCaState()
