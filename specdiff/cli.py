@@ -368,16 +368,17 @@ def build_parser(method_options: bool = True) -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: torch's choice, printed); 1 is steadier on a busy machine")
     gen.add_argument("--method", default="specdiff", help="specdiff (default), ras, random, toca, fora, taylorseer, firstblock, full")
-    gen.add_argument("--steps", type=int, default=28)
+    gen.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
     gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
+    gen.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed of the initial noise (default 0)")
     gen.add_argument("--repeats", type=int, default=3, help="--compare: timed pairs (median and range are reported)")
     gen.add_argument("--model", default=None,
                      help="local diffusers SD3 / SD3.5 / FLUX folder, or embedded-v2 (default: the embedded model)")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                     help="weights and activations (default float32)")
     gen.add_argument("--out", default="specdiff-output", help="folder for the images (created)")
     gen.add_argument("--summary", action="store_true", help="print the per-step table of the accelerated run")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -134,3 +134,13 @@ def test_settings_that_cache_nothing_are_named(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "nothing is cached" in err and "Loading" not in err
+
+
+def test_every_option_has_help_text():
+    from specdiff.cli import build_parser
+
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (sub.prog, action.option_strings)
