@@ -303,7 +303,11 @@ def run_benchmark(args, check_size=None) -> list[dict]:
         extractor = InceptionFeatures(args.fid_inception, device)
         fid = (extractor, folder_features(extractor, args.fid_reference) if args.fid_reference else None)
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"bench: loading {args.model}")
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    say(f"bench: loading {args.model} (torch threads: {torch.get_num_threads()})")
     pipe, extra = load_bench_pipeline(args.model, str(device))
     pipe.set_progress_bar_config(disable=True)
     if check_size is not None:
