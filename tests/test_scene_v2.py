@@ -160,3 +160,15 @@ def test_training_on_cuda_is_refused_clearly_without_a_gpu(tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit, match="no CUDA"):
         train(["--style", "v2", "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cuda"])
+
+
+def test_the_shipped_v2_weights_load_hash_checked_and_draw_64_px(monkeypatch):
+    from specdiff.loading import load_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe, description = load_pipeline("embedded-v2", "cpu", "float32")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.style is V2 and "weights_v2" in description
+    out = pipe("a large red circle at the top left and a small blue ring in the center on a white background",
+               num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert out.shape == (1, 3, 64, 64) and out.std() > 0.05
