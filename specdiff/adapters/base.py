@@ -121,12 +121,13 @@ class Adapter:
     # -- hooks -----------------------------------------------------------------
     def _on_call(self, module, args, kwargs):
         arguments = self._signature.bind(module, *args, **kwargs).arguments
-        for name, what in self.refused_arguments.items():
+        accelerated = self.runtime.phase is not None or self.runtime.auto_num_steps is not None
+        for name, what in (self.refused_arguments.items() if accelerated else ()):  # plain calls run as stock
             value = arguments.get(name)
             if value is not None and value is not False and not (isinstance(value, (list, tuple)) and not value):
                 raise NotImplementedError(f"specdiff does not accelerate {type(module).__name__} with {what} yet")
         attention_kwargs = arguments.get("joint_attention_kwargs") or {}
-        if "ip_adapter_image_embeds" in attention_kwargs:
+        if accelerated and "ip_adapter_image_embeds" in attention_kwargs:
             raise NotImplementedError(f"specdiff does not accelerate {type(module).__name__} with an IP-Adapter yet")
         context = self.runtime.context  # per thread: a plain call elsewhere cannot change it
         context.timestep = timestep_value(arguments["timestep"]) * self.timestep_scale
