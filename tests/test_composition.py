@@ -215,3 +215,22 @@ def test_each_prompt_gets_its_own_selection_unless_rows_are_its_cfg_pair(case, e
             torch.testing.assert_close(compute[: rows // 2], compute[rows // 2:])
     if case.startswith("flux") or case == "sd3-no-cfg":  # two prompts: two different selections somewhere
         assert any(not torch.equal(c[0], c[1]) for _, c in seen)
+
+
+def test_what_specdiff_cannot_accelerate_is_refused_only_when_accelerating():
+    pipe = build("sd3")
+    transformer = pipe.transformer
+    args = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 8, 64),
+                pooled_projections=torch.randn(1, 64), timestep=torch.tensor([1000.0]), skip_layers=[0])
+    with torch.no_grad():
+        plain = transformer(**args).sample
+        specdiff.enable(transformer, FAST.__class__(speculative_steps=0), num_inference_steps=4)
+        try:
+            with pytest.raises(NotImplementedError, match="skip_layers"):
+                transformer(**args)
+        finally:
+            specdiff.disable(transformer)
+        torch.testing.assert_close(transformer(**args).sample, plain, rtol=0, atol=0)
+    with specdiff.accelerated(pipe, FAST):  # a pipeline outside its call runs the transformer plain
+        with torch.no_grad():
+            torch.testing.assert_close(transformer(**args).sample, plain, rtol=1e-6, atol=1e-6)
