@@ -124,3 +124,9 @@ def test_first_block_cache_skips_when_the_first_block_barely_changes(pipe):
     runs = [r.blocks_computed for r in summary.records]
     assert runs[0] == 1.0  # nothing cached yet
     assert all(r < 1.0 for r in runs[1:])
+
+
+def test_the_random_ablation_has_specdiffs_schedule_by_default():
+    random_config, specdiff_config = specdiff.RandomTokensConfig(), specdiff.SpecDiffConfig()
+    assert (random_config.warmup_steps, random_config.reset_steps, random_config.cache_ratio) == \
+        (specdiff_config.warmup_steps, specdiff_config.reset_steps, specdiff_config.cache_ratio)

@@ -23,11 +23,13 @@ class RandomTokensConfig(DenseScheduleConfig):
         cache_ratio (float, default 0.9): share of image tokens NOT computed on a sparse step, in [0, 1).
         reuse_mass (float, default 0.1): as in SpecDiffConfig, applied to the random scores.
         warmup_steps (int, default 4): steps at the start that compute every token.
-        reset_steps (tuple of int, default ()): further steps (0-based) that compute every token.
+        reset_steps (tuple of int, default (12, 22)): further steps (0-based) that compute every token;
+            SpecDiff's, so that the ablation differs from it only in how tokens are chosen.
     """
 
     method = "random"
 
+    reset_steps: tuple[int, ...] = (12, 22)
     cache_ratio: float = 0.9
     reuse_mass: float = 0.1
 
