@@ -355,6 +355,7 @@ def build_parser(method_options: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdiff", description="Faster diffusion transformers by token caching.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from specdiff.evaluation.bench_args import add_threads_option
     from specdiff.reference.scenes import vocabulary_help
 
     gen = sub.add_parser(
@@ -365,8 +366,7 @@ def build_parser(method_options: bool = True) -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="what to draw (for the embedded model, see the vocabulary below)")
     gen.add_argument("--compare", action="store_true",
                      help="also generate with full compute, same seed: times, speed-up, PSNR / SSIM, side-by-side")
-    gen.add_argument("--threads", type=int, default=None,
-                     help="torch CPU threads (default: torch's choice, printed); 1 is steadier on a busy machine")
+    add_threads_option(gen)
     gen.add_argument("--method", default="specdiff", help="specdiff (default), ras, random, toca, fora, taylorseer, firstblock, full")
     gen.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
     gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")

@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """--threads, shared by generate and bench."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, printed); 1 is steadier on a busy machine")
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="embedded", help="embedded (default), embedded-v2, tiny-sd3, tiny-flux, or a local folder")
@@ -19,8 +25,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, the same for every method")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, printed); 1 is steadier on a busy machine")
+    add_threads_option(p)
     p.add_argument("--out", default="bench-output", help="folder for results.json, results.md, plots, grid")
     p.add_argument("--prompts", default=None, metavar="FILE", help="prompts to use, one per line (e.g. COCO captions)")
     p.add_argument("--clip-model", default=None, metavar="FOLDER_OR_ID",

@@ -20,7 +20,7 @@ _V1_CONFIG = dict(
     pos_embed_max_size=32,  # sizes up to 64 px, any aspect ratio
 )
 # V2: 64 px with patch 4 keeps 256 image tokens on the same 16 x 16 grid (patch 2 would be 1,024 tokens at
-# 5.9x the seconds per training step: see the model card), and V1's width, so V2 can start from V1's weights.
+# 6x the seconds per training step: see the model card), and V1's width, so V2 can start from V1's weights.
 _V2_CONFIG = dict(_V1_CONFIG, sample_size=V2.image_size, patch_size=4)
 TRANSFORMER_CONFIGS = {"v1": _V1_CONFIG, "v2": _V2_CONFIG}
 TRANSFORMER_CONFIG = _V1_CONFIG
