@@ -30,6 +30,9 @@ _WHERE = {
     "disable": "specdiff.integration",
     "enable": "specdiff.integration",
     "is_enabled": "specdiff.integration",
+    "load_config": "specdiff.evaluation.tune",
+    "save_config": "specdiff.evaluation.tune",
+    "tune": "specdiff.evaluation.tune",
     "observe": "specdiff.integration",
     "summary": "specdiff.integration",
 }

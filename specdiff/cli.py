@@ -69,6 +69,7 @@ def _build_config(args):
     from specdiff.engine.policy import ConfigError
     from specdiff.policies.registry import POLICIES, config_for
 
+    args.method = args.method or "specdiff"
     if args.method not in POLICIES:
         raise CLIError(f"--method must be one of {', '.join(POLICIES)}, got {args.method!r}")
     names = {f.name for f in dataclasses.fields(POLICIES[args.method][0])}
@@ -93,6 +94,28 @@ def _build_config(args):
         return config_for(args.method, **fields)
     except (ConfigError, TypeError) as error:
         raise CLIError(str(error)) from None
+
+
+def _config_from_args(args):
+    """--config FILE (as `specdiff tune` writes; its step count too unless --steps is given), else
+    --method and the per-field options."""
+    if args.config is None:
+        args.steps = 28 if args.steps is None else args.steps
+        return _build_config(args)
+    from specdiff.engine.policy import ConfigError
+    from specdiff.evaluation.tune import config_from_record, read_tuned
+
+    given = [f"--{name.replace('_', '-')}" for name in _config_fields() if getattr(args, name, None) is not None]
+    if args.method is not None or given or args.settings:
+        raise CLIError(f"--config {args.config} holds the whole method; drop {', '.join(given + (['--method'] if args.method else []) + (['--set'] if args.settings else []))}")
+    try:
+        record = read_tuned(args.config)
+        config = config_from_record(record, args.config)
+    except ConfigError as error:
+        raise CLIError(str(error)) from None
+    if args.steps is None:
+        args.steps = record.get("num_inference_steps") or 28
+    return config
 
 
 def load_pipeline(model: str | None, device: str, dtype_name: str):
@@ -226,7 +249,7 @@ def cmd_generate(args) -> int:
     from specdiff.evaluation.metrics import psnr, ssim
     from specdiff.reference.pipeline import ScenePipeline
 
-    config = _build_config(args)
+    config = _config_from_args(args)
     out = check_output_folder(args.out)
     args.device = check_device(args.device)
     if args.quiet:  # also the loading bars of diffusers and transformers
@@ -332,6 +355,83 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    """Every input checked before the model loads; the search; the verification; the files."""
+    import torch
+
+    from specdiff.engine.policy import ConfigError
+    from specdiff.evaluation.benchmark import load_bench_pipeline
+    from specdiff.evaluation.metrics import QualityModelMissing
+    from specdiff.evaluation.tune import parse_target, summary_markdown, tune, tunable_methods
+    from specdiff.loading import ModelLoadError
+
+    try:
+        target = parse_target(args.target)
+    except ConfigError as error:
+        raise CLIError(str(error)) from None
+    if target.metric == "clip" and args.clip_model is None:
+        raise CLIError(f"--target {args.target!r} needs --clip-model (a local CLIP folder or hub-cache id)")
+    if target.metric == "alignment" and args.model not in ("embedded", "embedded-v2"):
+        raise CLIError(f"--target {args.target!r}: alignment is measured on the embedded scene models only "
+                       "(--model embedded or embedded-v2); use psnr, ssim or clip")
+    for option in ("calibration", "verify", "steps", "batch_size"):
+        if getattr(args, option) < (2 if option == "steps" else 1):
+            raise CLIError(f"--{option.replace('_', '-')} must be at least {2 if option == 'steps' else 1}, "
+                           f"got {getattr(args, option)}")
+    if not args.budget > 0:
+        raise CLIError(f"--budget must be a positive number of minutes, got {args.budget}")
+    known = tunable_methods()
+    for name in args.methods or []:
+        if name not in known:
+            raise CLIError(f"--methods: unknown method {name!r}; choose from {', '.join(known)} (full = fewer steps)")
+    need = args.calibration + args.verify
+    prompts = None
+    if args.prompts is None and args.model not in ("embedded", "embedded-v2"):
+        raise CLIError(f"--prompts is needed for --model {args.model}: a text file with one prompt per line "
+                       f"({need} = --calibration {args.calibration} + --verify {args.verify})")
+    if args.prompts is not None:
+        try:
+            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise CLIError(f"--prompts {args.prompts!r}: cannot read it ({error.strerror})") from None
+        except UnicodeDecodeError:
+            raise CLIError(f"--prompts {args.prompts!r} is not UTF-8 text (one prompt per line)") from None
+        prompts = [line.strip() for line in lines if line.strip()]
+        if len(prompts) < need:
+            raise CLIError(f"--prompts {args.prompts!r} has {len(prompts)} prompts; --calibration {args.calibration} "
+                           f"+ --verify {args.verify} need {need} (they never overlap)")
+    out = check_output_folder(args.out)
+    args.device = check_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        clip = None
+        if args.clip_model is not None:
+            from specdiff.evaluation.clip_score import ClipScorer
+
+            clip = ClipScorer(args.clip_model, args.device)
+        print(f"tune: loading {args.model} (torch threads: {torch.get_num_threads()})")
+        pipe, extra = load_bench_pipeline(args.model, args.device)
+        if args.guidance is not None:
+            extra["guidance_scale"] = args.guidance
+        result = tune(pipe, prompts, target, calibration=args.calibration, verify=args.verify,
+                      budget_minutes=args.budget, methods=args.methods, steps=args.steps, seed=args.seed, out=out,
+                      clip=clip, margin=args.margin, rank=args.rank, batch_size=args.batch_size,
+                      pipeline_kwargs=extra, model_name=args.model)
+    except (ConfigError, QualityModelMissing, ModelLoadError) as error:
+        raise CLIError(str(error)) from None
+    print(summary_markdown(result))
+    print(f"tune: results in {out}: tuned.json, summary.md, pareto.png")
+    if result.chosen is None:
+        print(f"tune: no setting met {target.text!r} on the calibration prompts (best per method above)", file=sys.stderr)
+        return 1
+    print(f"tune: use it with `specdiff generate --config {out / 'tuned.json'} PROMPT` or "
+          f"specdiff.enable(pipe, specdiff.load_config({str(out / 'tuned.json')!r}))")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from importlib import metadata
 
@@ -367,8 +467,10 @@ def build_parser(method_options: bool = True) -> argparse.ArgumentParser:
     gen.add_argument("--compare", action="store_true",
                      help="also generate with full compute, same seed: times, speed-up, PSNR / SSIM, side-by-side")
     add_threads_option(gen)
-    gen.add_argument("--method", default="specdiff", help="specdiff (default), ras, random, toca, fora, taylorseer, firstblock, full")
-    gen.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
+    gen.add_argument("--method", default=None, help="specdiff (default), ras, random, toca, fora, taylorseer, firstblock, full")
+    gen.add_argument("--config", default=None, metavar="FILE",
+                     help="a tuned.json written by `specdiff tune` (the method, its fields and its step count)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default 28, or --config's)")
     gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
     gen.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
@@ -392,6 +494,17 @@ def build_parser(method_options: bool = True) -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bench_parser(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from specdiff.evaluation.bench_args import build_tune_parser
+
+    tune = sub.add_parser("tune", help="the fastest setting that meets a quality target on your model and prompts",
+                          description="Bisect every method's speed knob to the fastest value that meets --target on "
+                                      "calibration prompts, then verify the finalists on other prompts, timed against "
+                                      "full compute. Writes tuned.json (for --config / specdiff.load_config), "
+                                      "summary.md and pareto.png.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    build_tune_parser(tune)
+    tune.set_defaults(func=cmd_tune)
 
     methods = sub.add_parser("methods", help="list the methods and their config fields with defaults")
     methods.set_defaults(func=cmd_methods)

@@ -37,3 +37,31 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--save-images", action="store_true",
                    help="also write every image as OUT/images/<method>/<prompt index>.png (e.g. for FID elsewhere)")
     return p
+
+
+def build_tune_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--target", required=True,
+                   help='METRIC>=VALUE or METRIC>=full-X: psnr>=30, ssim>=0.9, alignment>=full-2 (embedded '
+                        'models; percent), clip>=full-0.5 (needs --clip-model)')
+    p.add_argument("--model", default="embedded", help="embedded, embedded-v2, tiny-sd3, tiny-flux, or a local folder")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="one prompt per line: the first --calibration for the search, the next --verify to check "
+                        "(default: the embedded model's held-out scenes)")
+    p.add_argument("--calibration", type=int, default=8, help="prompts the search scores settings on")
+    p.add_argument("--verify", type=int, default=16, help="other prompts the finalists are verified and timed on")
+    p.add_argument("--budget", type=float, default=20.0, help="minutes for the whole run (search + verification)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods to search (default: every method with a speed knob, and full = fewer steps)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps of full compute and of every cache")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="require the calibration score to beat the target by this much (a safety margin)")
+    p.add_argument("--rank", default="flops", choices=["flops", "wallclock"],
+                   help="choose among the finalists by FLOPs ratio (deterministic) or by measured wall-clock")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration prompts per pipeline call")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, the same for every setting")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_threads_option(p)
+    p.add_argument("--clip-model", default=None, metavar="FOLDER_OR_ID", help="a local CLIP model for clip targets")
+    p.add_argument("--out", default="tune-output", help="folder for tuned.json, summary.md, pareto.png")
+    return p

@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from specdiff.engine.policy import (
+    SpeedKnob,
     DENSE,
     DenseScheduleConfig,
     Policy,
@@ -59,6 +60,8 @@ class SpecDiffConfig(DenseScheduleConfig):
     """
 
     method = "specdiff"
+    speed_knob = SpeedKnob("cache_ratio", 0.3, 0.97)
+    tuning_alternatives = {"speculative_steps": (0, 1, 3), "warmup_steps": (2, 6), "reset_steps": ((), (14,))}
 
     reset_steps: tuple[int, ...] = (12, 22)  # chosen by the sweeps in BENCHMARKS.md section 3
     cache_ratio: float = 0.9

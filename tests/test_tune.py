@@ -1,0 +1,191 @@
+"""`specdiff tune`: the search, tuned.json, its errors, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from specdiff.engine.policy import ConfigError, SpeedKnob
+from specdiff.evaluation.tune import (
+    FEWER_STEPS,
+    Setting,
+    _KnobSearch,
+    load_config,
+    parse_target,
+    save_config,
+    tunable_methods,
+    tune,
+)
+from specdiff.policies.registry import POLICIES
+
+PROMPTS = ["a red fox in the snow", "a city street at night", "a bowl of fruit on a table", "a sailing boat at sea"]
+
+
+def _search_until_done(search: _KnobSearch, meets) -> list:
+    values = []
+    while (step := search.next_setting()) is not None:
+        setting, position = step
+        value = setting.steps
+        values.append(value)
+        if position is not None:
+            search.record(position, meets(value))
+    return values
+
+
+@pytest.mark.parametrize("planted", [0.37, 0.62, 0.9])
+def test_bisection_finds_a_planted_float_threshold(planted):
+    knob = SpeedKnob("x", 0.2, 0.97)
+    make = lambda value, extra: Setting("synthetic", None, value)  # the value rides in `steps` here
+    search = _KnobSearch("synthetic", make, knob, default_position=None, alternatives={})
+    values = _search_until_done(search, lambda v: v <= planted)
+    best = search.value(search.passing)
+    assert best <= planted and planted - best < 0.03 * (knob.fastest - knob.slowest) + 1e-9
+    assert len(values) <= 8  # bisection, not a grid
+
+
+@pytest.mark.parametrize("planted", [2, 5, 9, 10])
+def test_bisection_finds_a_planted_integer_threshold_exactly(planted):
+    knob = SpeedKnob("interval", 2, 10, integer=True)
+    make = lambda value, extra: Setting("synthetic", None, value)
+    search = _KnobSearch("synthetic", make, knob, default_position=(3 - 2) / 8, alternatives={})
+    values = _search_until_done(search, lambda v: v <= planted)
+    assert search.value(search.passing) == planted
+    assert len(values) == len(set(values)) <= 6
+
+
+def test_bisection_on_a_decreasing_knob_and_a_method_that_never_meets():
+    knob = SpeedKnob("steps", 28, 2, integer=True)  # fewer steps = faster
+    make = lambda value, extra: Setting(FEWER_STEPS, None, value)
+    search = _KnobSearch(FEWER_STEPS, make, knob, default_position=None, alternatives={})
+    search.record(0.0, True)
+    _search_until_done(search, lambda steps: steps >= 11)
+    assert search.value(search.passing) == 11
+    never = _KnobSearch("x", make, knob, default_position=None, alternatives={})
+    assert _search_until_done(never, lambda steps: False) == [28]  # the slowest value fails: stop
+    assert never.passing is None
+
+
+def test_every_method_declares_a_knob_inside_its_allowed_range():
+    for name, (config_type, _) in POLICIES.items():
+        knob = config_type.speed_knob
+        if name == "full":
+            assert knob is None and FEWER_STEPS in tunable_methods()
+            continue
+        assert knob is not None, name
+        for value in (knob.slowest, knob.fastest):
+            config_type(**{knob.field: value})  # raises if outside the validated range
+        for field, values in config_type.tuning_alternatives.items():
+            for value in values:
+                config_type(**{field: value})
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_tuned_json_round_trip_for_every_registered_config(tmp_path, name):
+    config_type = POLICIES[name][0]
+    changed = {}
+    for field in dataclasses.fields(config_type):  # a non-default value where one is easy to make
+        value = getattr(config_type(), field.name)
+        if isinstance(value, bool):
+            changed[field.name] = not value
+        elif isinstance(value, tuple):
+            changed[field.name] = (3, 7)
+    for config in (config_type(), config_type(**changed)):
+        save_config(config, tmp_path / "tuned.json", num_inference_steps=20)
+        loaded = load_config(tmp_path / "tuned.json")
+        assert type(loaded) is config_type and loaded == config
+
+
+def test_targets_parse_and_bad_ones_name_the_problem():
+    assert parse_target("psnr>=30").value == 30 and not parse_target("psnr>=30").relative
+    relative = parse_target("alignment>=full-2")
+    assert relative.relative and relative.threshold(80.0) == 78.0
+    assert parse_target("alignment>=0.9").value == pytest.approx(90.0)  # a fraction means percent
+    assert parse_target(" clip >= full-0.5 ").threshold(30.0) == 29.5
+    for text, words in (("lpips>=0.1", "unknown metric"), ("psnr>30", "METRIC>=VALUE"), ("psnr>=", "METRIC>=VALUE"),
+                        ("psnr>=full-2", "measured against full compute"), ("clip>=full+1", "full-X")):
+        with pytest.raises(ConfigError, match=words):
+            parse_target(text)
+
+
+def test_bad_tuned_files_are_refused_in_one_line(tmp_path):
+    cases = {
+        "notjson.json": ("{", "not a JSON file"),
+        "nomethod.json": (json.dumps({"config": {}}), "expected an object"),
+        "unknown.json": (json.dumps({"method": "magic", "config": {}}), "not one of"),
+        "field.json": (json.dumps({"method": "fora", "config": {"speed": 2}}), "has no field 'speed'"),
+        "range.json": (json.dumps({"method": "fora", "config": {"interval": 0}}), "interval"),
+        "unmet.json": (json.dumps({"method": None, "met": False, "target": "psnr>=99"}), "no setting that met"),
+    }
+    for name, (text, words) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=words) as error:
+            load_config(tmp_path / name)
+        assert "\n" not in str(error.value) and name in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3():
+    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+
+    return tiny_sd3_pipeline()
+
+
+def test_tune_errors_before_any_search(tiny_sd3):
+    kwargs = dict(calibration=2, verify=2, steps=4, methods=["fora"], pipeline_kwargs=dict(height=64, width=64),
+                  progress=False)
+    with pytest.raises(ConfigError, match="hold 3, but --calibration 2 \\+ --verify 2 need 4"):
+        tune(tiny_sd3, PROMPTS[:3], "psnr>=20", **kwargs)
+    with pytest.raises(ConfigError, match="alignment is measured on the embedded scene models"):
+        tune(tiny_sd3, PROMPTS, "alignment>=full-2", **kwargs)
+    with pytest.raises(ConfigError, match="needs --clip-model"):
+        tune(tiny_sd3, PROMPTS, "clip>=full-0.5", **kwargs)
+    with pytest.raises(ConfigError, match="unknown method 'magic'"):
+        tune(tiny_sd3, PROMPTS, "psnr>=20", **{**kwargs, "methods": ["magic"]})
+    with pytest.raises(ConfigError, match="--budget 0.0001 minutes is too small"):
+        tune(tiny_sd3, PROMPTS, "psnr>=20", **{**kwargs, "budget_minutes": 0.0001})
+
+
+def test_tune_refuses_a_target_full_compute_cannot_meet():
+    from specdiff.evaluation.benchmark import load_bench_pipeline
+
+    pipe, extra = load_bench_pipeline("embedded", "cpu")
+    with pytest.raises(ConfigError, match="full compute itself scores"):
+        tune(pipe, None, "alignment>=0.999", calibration=2, verify=1, steps=2, methods=["fora"], progress=False,
+             pipeline_kwargs=extra)
+
+
+def test_tiny_end_to_end_tune_writes_a_config_that_loads_and_verifies(tiny_sd3, tmp_path):
+    result = tune(tiny_sd3, PROMPTS, "psnr>=25", calibration=2, verify=2, steps=6, methods=["fora", FEWER_STEPS],
+                  budget_minutes=5, out=tmp_path, pipeline_kwargs=dict(height=64, width=64), progress=False)
+    saved = json.loads((tmp_path / "tuned.json").read_text())
+    assert {p.name for p in tmp_path.iterdir()} == {"tuned.json", "summary.md", "pareto.png"}
+    assert saved["met"] and saved["target"] == "psnr>=25" and saved["library_version"] and saved["date"]
+    chosen = result.chosen
+    assert chosen["calibration_score"] >= 25 and chosen["calibration_meets"]
+    # the reported result is the verification one, with its interval, never the calibration score
+    assert saved["verification"]["verification_score"] == pytest.approx(chosen["verification_score"])
+    low, high = chosen["verification_score_ci95"]
+    assert low <= chosen["verification_score"] <= high
+    assert chosen["holds"] == (chosen["verification_score"] >= 25)
+    # the pick is at least as fast (FLOPs, calibration) as every passing setting tried
+    assert chosen["calibration_speedup_flops"] >= max(t["speedup_flops"] for t in result.tried if t["meets"]) - 1e-9
+    config = load_config(tmp_path / "tuned.json")
+    assert config == result.config
+    assert saved["num_inference_steps"] == result.steps
+    assert len(result.tried) >= 3 and any(r["role"] == "default" or "default" in r["role"] for r in result.comparison)
+
+
+def test_generate_uses_a_tuned_file_and_refuses_mixed_options(tmp_path, capsys):
+    from specdiff.cli import main
+    from specdiff.policies.fora import FORAConfig
+
+    save_config(FORAConfig(interval=4), tmp_path / "tuned.json", num_inference_steps=5)
+    code = main(["generate", "a small blue ring in the center on a black background", "--config",
+                 str(tmp_path / "tuned.json"), "--out", str(tmp_path / "out"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "FORAConfig(interval=4)" in out
+    code = main(["generate", "x", "--config", str(tmp_path / "tuned.json"), "--method", "ras", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--config" in err and "--method" in err and err.count("\n") == 1
