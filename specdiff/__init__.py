@@ -26,6 +26,7 @@ _WHERE = {
     "ToCaConfig": "specdiff.policies.toca",
     "UnsupportedModelError": "specdiff.integration",
     "accelerated": "specdiff.integration",
+    "compile_blocks": "specdiff.integration",
     "config_for": "specdiff.policies.registry",
     "disable": "specdiff.integration",
     "enable": "specdiff.integration",

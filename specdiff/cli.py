@@ -378,6 +378,11 @@ def cmd_tune(args) -> int:
         if getattr(args, option) < (2 if option == "steps" else 1):
             raise CLIError(f"--{option.replace('_', '-')} must be at least {2 if option == 'steps' else 1}, "
                            f"got {getattr(args, option)}")
+    if args.margin != "auto":
+        try:
+            args.margin = float(args.margin)
+        except ValueError:
+            raise CLIError(f"--margin must be auto or a number, got {args.margin!r}") from None
     if not args.budget > 0:
         raise CLIError(f"--budget must be a positive number of minutes, got {args.budget}")
     known = tunable_methods()

@@ -127,6 +127,31 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
     return obj
 
 
+def compile_blocks(obj, *, recompile_limit: int = 16, **compile_options) -> int:
+    """Regional compilation of the transformer's blocks, before or after `enable`: diffusers'
+    `compile_repeated_blocks` where the model declares its blocks, else `torch.compile` per block
+    (`compile_options` go to torch.compile). Returns the number of blocks compiled.
+
+    Token-level methods (SpecDiff, RAS, random) trace with no graph break; each block compiles a few
+    variants (dense / sparse step, taps on / off, CFG batch, a last block that differs), so dynamo's
+    recompile limit is raised to `recompile_limit` (never lowered). Block-level methods keep their
+    per-step decision outside the graph and compile each block's own forward.
+    """
+    transformer, _ = _transformer_of(obj)
+    adapter_type = _adapter_for(transformer)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
+    if getattr(transformer, "_repeated_blocks", None):
+        before = sum(getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules())
+        transformer.compile_repeated_blocks(**compile_options)
+        return sum(getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules()) - before
+    count = 0
+    for name in adapter_type.block_lists:
+        for block in getattr(transformer, name):
+            block.compile(**compile_options)
+            count += 1
+    return count
+
+
 def _state_of(obj) -> _State | None:
     if not isinstance(obj, torch.nn.Module):
         state = vars(obj).get(_STATE_ATTR) if hasattr(obj, "__dict__") else None

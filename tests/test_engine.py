@@ -318,7 +318,7 @@ def test_key_value_caches_only_for_methods_that_read_them(sd3, config, holds):
     seen = []
 
     def look(pipe, step, timestep, kwargs):
-        seen.append(sum(len(branch.kv) for branch in _state_of(pipe).runtime._branches))
+        seen.append(sum(slot.keys is not None for slots in _state_of(pipe).runtime.kv_slots for slot in slots))
         return kwargs
 
     with specdiff.accelerated(sd3, config):

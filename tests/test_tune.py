@@ -189,3 +189,15 @@ def test_generate_uses_a_tuned_file_and_refuses_mixed_options(tmp_path, capsys):
     code = main(["generate", "x", "--config", str(tmp_path / "tuned.json"), "--method", "ras", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "--config" in err and "--method" in err and err.count("\n") == 1
+
+
+def test_auto_margin_is_one_standard_error_of_the_calibration_mean():
+    import numpy as np
+
+    from specdiff.evaluation.tune import _margin
+
+    values = np.array([28.0, 30.0, 32.0, 34.0])
+    assert _margin(values, "auto") == pytest.approx(np.std(values, ddof=1) / 2)
+    assert _margin(values, 0.5) == 0.5 and _margin(values[:1], "auto") == 0.0
+    with pytest.raises(ConfigError, match="--margin"):
+        tune(object(), PROMPTS, "psnr>=20", margin="wide")

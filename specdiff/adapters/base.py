@@ -74,6 +74,10 @@ class _BlockHook:
     def post_forward(self, module, output):
         return output
 
+    # Not traced when the block is compiled (regional compilation): which blocks run is Python control
+    # flow that changes every step and would recompile the block each time; the block's own forward,
+    # called from here, is still compiled as a whole.
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module, *args, **kwargs):
         runtime = self.adapter.runtime
         arguments = self.signature.bind(*args, **kwargs).arguments
@@ -115,7 +119,8 @@ class Adapter:
         self._hooked_blocks = []
         self._signature = inspect.signature(type(model).forward)
 
-    def make_processor(self, layer_name: str, layer_index: int):
+    def make_processor(self, kv_slots, layer_index: int):
+        """The family's attention processor for one layer; kv_slots: that layer's LayerKV per branch."""
         raise NotImplementedError
 
     # -- hooks -----------------------------------------------------------------
@@ -151,8 +156,9 @@ class Adapter:
         model = self.model
         self._original_processors = dict(model.attn_processors)
         processors = {}
+        slots = self.runtime.new_kv_slots(len(self._original_processors))
         for index, name in enumerate(self._original_processors):
-            processor = self.make_processor(name, index)
+            processor = self.make_processor(slots[index], index)
             backend = getattr(self._original_processors[name], "_attention_backend", None)
             if hasattr(processor, "_attention_backend") and backend is not None:
                 processor._attention_backend = backend  # a backend chosen before enable stays chosen

@@ -13,7 +13,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from specdiff.adapters.base import Adapter
 from specdiff.engine.tokens import gather_tokens
-from specdiff.engine.attention import AttentionContext, merge_image_kv, tap_attention
+from specdiff.engine.attention import AttentionContext, LayerKV, joint_kv, tap_attention
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,10 +51,10 @@ class FluxTokenCachingProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, context: AttentionContext, layer_name: str, layer_index: int) -> None:
+    def __init__(self, context: AttentionContext, kv_slots: list[LayerKV], layer_index: int) -> None:
         self.context = context
-        self.layer_name = layer_name
-        self.layer_index = layer_index
+        self.kv_slots = kv_slots
+        self.tap_offset = torch.tensor(layer_index * 7919)  # where this layer's tap queries start
 
     @staticmethod
     def _rope(ctx, rope, text_len):
@@ -96,11 +96,11 @@ class FluxTokenCachingProcessor:
             cos, sin = self._rope(ctx, image_rotary_emb, text_len)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+        if ctx.enabled and ctx.kv_branch >= 0:  # joint order [text, image]; image keys of every token on sparse steps
+            k, v = joint_kv(ctx, self.kv_slots, k[:, :, text_len:], v[:, :, text_len:], k[:, :, :text_len],
+                            v[:, :, :text_len], text_first=True)
         if ctx.enabled:
-            image_k, image_v = merge_image_kv(ctx, self.layer_name, k[:, :, text_len:], v[:, :, text_len:])
-            k = torch.cat([k[:, :, :text_len], image_k], 2)
-            v = torch.cat([v[:, :, :text_len], image_v], 2)
-            tap_attention(ctx, self.layer_index, q[:, :, text_len:], q[:, :, :text_len], k, slice(text_len, None))
+            tap_attention(ctx, self.tap_offset, q[:, :, text_len:], q[:, :, :text_len], k, slice(text_len, None))
         out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                     backend=self._attention_backend, parallel_config=self._parallel_config)
         out = out.flatten(2, 3).to(q.dtype)
@@ -126,5 +126,5 @@ class FluxAdapter(Adapter):
         # FLUX pipelines never batch [uncond, cond]: guidance is embedded, and true CFG is a second call
         return 1
 
-    def make_processor(self, layer_name: str, layer_index: int):
-        return FluxTokenCachingProcessor(self.runtime.context, layer_name, layer_index)
+    def make_processor(self, kv_slots, layer_index: int):
+        return FluxTokenCachingProcessor(self.runtime.context, kv_slots, layer_index)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 
 from specdiff.adapters.base import Adapter
-from specdiff.engine.attention import AttentionContext, merge_image_kv, tap_attention
+from specdiff.engine.attention import AttentionContext, LayerKV, joint_kv, tap_attention
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -30,28 +30,26 @@ def _qkv(x, heads, projections, norms):
 class SD3TokenCachingProcessor:
     """JointAttnProcessor2_0's math, with image keys/values read from the engine's cache."""
 
-    def __init__(self, context: AttentionContext, layer_name: str, layer_index: int) -> None:
+    def __init__(self, context: AttentionContext, kv_slots: list[LayerKV], layer_index: int) -> None:
         self.context = context
-        self.layer_name = layer_name
-        self.layer_index = layer_index
+        self.kv_slots = kv_slots
+        self.tap_offset = torch.tensor(layer_index * 7919)  # where this layer's tap queries start
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         ctx = self.context
         heads = attn.heads
         query, key, value = _qkv(hidden_states, heads, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
-        if ctx.enabled:
-            key, value = merge_image_kv(ctx, self.layer_name, key, value)
-        num_image_keys = key.shape[2]
-        text_query = None
+        text_query = text_key = text_value = None
         if encoder_hidden_states is not None:
             text_query, text_key, text_value = _qkv(
                 encoder_hidden_states, heads, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                 (attn.norm_added_q, attn.norm_added_k),
             )
-            key = torch.cat([key, text_key], dim=2)
-            value = torch.cat([value, text_value], dim=2)
+        # joint order [image, text]; on a sparse step the keys of every image token, from the cache
+        key, value = joint_kv(ctx, self.kv_slots, key, value, text_key, text_value, text_first=False)
+        num_image_keys = key.shape[2] - (0 if text_key is None else text_key.shape[2])
         if ctx.enabled:
-            tap_attention(ctx, self.layer_index, query, text_query, key, slice(0, num_image_keys))
+            tap_attention(ctx, self.tap_offset, query, text_query, key, slice(0, num_image_keys))
         num_image_queries = query.shape[2]
         if text_query is not None:
             query = torch.cat([query, text_query], dim=2)
@@ -81,5 +79,5 @@ class SD3Adapter(Adapter):
         scale = arguments.get("guidance_scale")
         return 2 if scale is not None and scale > 1 else 1
 
-    def make_processor(self, layer_name: str, layer_index: int):
-        return SD3TokenCachingProcessor(self.runtime.context, layer_name, layer_index)
+    def make_processor(self, kv_slots, layer_index: int):
+        return SD3TokenCachingProcessor(self.runtime.context, kv_slots, layer_index)

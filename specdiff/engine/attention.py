@@ -17,57 +17,79 @@ import time
 import torch
 
 
+TAP_CHUNK_ELEMENTS = 2**25  # fp32 attention weights per tap chunk: 128 MiB
+
 @dataclasses.dataclass
 class AttentionContext(threading.local):
     """The state a step shares with the processors of one transformer.
 
     `active` is None on a dense step (every image token runs), else (B, n)
-    indices of the image tokens that run. `kv` maps a layer name to the
-    cached (keys, values) of all image tokens, shape (B, H, N, D).
+    indices of the image tokens that run.
     Thread-local: a call of the same transformer from another thread (e.g. a
     plain pipeline sharing it) sees its own, disabled context.
     """
 
     enabled: bool = False
+    real_phase: bool = False  # this call belongs to the real pass (not the speculative one)
     active: torch.Tensor | None = None
-    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    kv_branch: int = -1  # which of each layer's LayerKV slots this call uses; -1: no key/value cache
     tap_queries: int = 0  # 0 = no taps this step
     tap_include_text: bool = False
-    tap_sum: torch.Tensor | None = None  # (B, N) attention received, summed over layers
+    tap_sum: torch.Tensor | None = None  # (B, N) fp32 attention received, summed over layers; None: no taps
     tap_seconds: float = 0.0  # host time spent in taps this step (counted as scoring)
     timestep: float = 0.0  # of the transformer call in progress
     text_length: int = 0  # text tokens of the call in progress
     memo: tuple | None = None  # (key, value): a family's per-step derived tensor (e.g. FLUX's RoPE rows)
 
 
-def merge_image_kv(
-    ctx: AttentionContext, layer: str, key: torch.Tensor, value: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return keys/values of all image tokens, (B, H, N, D), refreshed where active.
+@dataclasses.dataclass
+class LayerKV:
+    """One attention layer's cached joint keys / values for one branch, (B, H, S, D) over image and text
+    tokens in the layer's order. Held by the layer's processor (not looked up by name), so a compiled
+    block sees the same code for every layer and no per-layer constant."""
 
-    key/value: (B, H, n, D) of the active image tokens (n = N on dense steps).
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+def joint_kv(ctx: AttentionContext, slots: list[LayerKV], image_key, image_value, text_key, text_value,
+             text_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys / values of every image token and the text tokens, (B, H, S, D), refreshed where active.
+
+    image_key / image_value: (B, H, n, D) of the active image tokens (n = N on dense steps);
+    text_key / text_value: (B, H, T, D), or None when the layer has no text stream. A dense step stores
+    the joint tensors; a sparse step writes its active image rows and the text rows into them in place,
+    so attention reads one persistent buffer per layer and nothing of size N is copied.
     """
-    if ctx.kv is None:
-        return key, value
+    def joined(image, text):
+        if text is None:
+            return image
+        return torch.cat([text, image] if text_first else [image, text], dim=2)
+
+    if not ctx.enabled or ctx.kv_branch < 0:
+        return joined(image_key, text_key), joined(image_value, text_value)
+    slot = slots[ctx.kv_branch]
     if ctx.active is None:
-        ctx.kv[layer] = (key, value)
-        return key, value
-    if layer not in ctx.kv:
-        raise RuntimeError(f"sparse step before any dense step filled the key/value cache of {layer}")
-    full_k, full_v = ctx.kv[layer]
-    if full_k.shape[0] != key.shape[0]:
+        slot.keys, slot.values = joined(image_key, text_key), joined(image_value, text_value)
+        return slot.keys, slot.values
+    if slot.keys is None:
+        raise RuntimeError("sparse step before any dense step filled this layer's key/value cache")
+    if slot.keys.shape[0] != image_key.shape[0]:
         raise RuntimeError("batch size changed inside one generation")
-    index = ctx.active[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1])
-    # in place: the cache is this layer's own (nothing else reads the tensors stored at the dense step),
-    # so a sparse step writes its active rows without copying all N rows of keys and values
-    full_k.scatter_(2, index, key)
-    full_v.scatter_(2, index, value)
-    return full_k, full_v
+    text_length = 0 if text_key is None else text_key.shape[2]
+    image_start = text_length if text_first else 0
+    image_length = slot.keys.shape[2] - text_length
+    index = ctx.active[:, None, :, None].expand(-1, image_key.shape[1], -1, image_key.shape[-1])
+    for cache, image, text in ((slot.keys, image_key, text_key), (slot.values, image_value, text_value)):
+        cache.narrow(2, image_start, image_length).scatter_(2, index, image)
+        if text is not None:
+            cache.narrow(2, 0 if text_first else image_length, text_length).copy_(text)
+    return slot.keys, slot.values
 
 
 def tap_attention(
     ctx: AttentionContext,
-    layer_index: int,
+    layer_offset: torch.Tensor,
     image_queries: torch.Tensor,
     text_queries: torch.Tensor | None,
     keys: torch.Tensor,
@@ -83,25 +105,31 @@ def tap_attention(
     """
     if ctx.tap_queries <= 0:
         return
-    tic = time.perf_counter()
+    timed = not torch.compiler.is_compiling()  # a host timer inside traced code would break the graph
+    tic = time.perf_counter() if timed else 0.0
     n = image_queries.shape[2]
     m = min(ctx.tap_queries, n)
     if m == n:
         queries = image_queries  # every query (e.g. a sparse step's few active tokens): no copy
     else:
-        offset = (layer_index * 7919) % max(n // m, 1)
+        # layer_offset: a per-layer integer held as a 0-d tensor, so compiled code is the same for every layer
+        offset = layer_offset % max(n // m, 1)  # a 0-d CPU tensor combines with any device's
         picks = (torch.arange(m, device=image_queries.device) * (n // m) + offset) % n
         queries = image_queries[:, :, picks]
     if ctx.tap_include_text and text_queries is not None:
         queries = torch.cat([queries, text_queries], dim=2)
     scale = scale if scale is not None else 1.0 / math.sqrt(queries.shape[-1])
     # logits in the model's dtype with the scale folded into the few queries (no fp32 copy of all keys);
-    # the softmax and the sums in fp32
-    weights = torch.softmax(((queries * scale) @ keys.transpose(-1, -2)).float(), dim=-1)
-    heads = weights.shape[1]
-    received = weights.sum(dim=(1, 2))[:, image_key_slice] / heads  # heads averaged, queries summed
-    if ctx.tap_sum is None:
-        ctx.tap_sum = received
-    else:
-        ctx.tap_sum = ctx.tap_sum + received
-    ctx.tap_seconds += time.perf_counter() - tic
+    # the softmax and the sums in fp32, in chunks of queries so that the fp32 weights stay under
+    # TAP_CHUNK_ELEMENTS whatever tap_queries and the sequence length are
+    batch, heads, count, _ = queries.shape
+    chunk = max(1, TAP_CHUNK_ELEMENTS // (batch * heads * keys.shape[2]))
+    received = None
+    for start in range(0, count, chunk):
+        part = queries[:, :, start : start + chunk] * scale
+        weights = torch.softmax((part @ keys.transpose(-1, -2)).float(), dim=-1)
+        summed = weights.sum(dim=(1, 2))[:, image_key_slice]
+        received = summed if received is None else received + summed
+    ctx.tap_sum.add_(received / heads)  # heads averaged, queries summed; the buffer is the step's (begin_step)
+    if timed:
+        ctx.tap_seconds += time.perf_counter() - tic

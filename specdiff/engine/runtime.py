@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from specdiff.engine.attention import AttentionContext
+from specdiff.engine.attention import AttentionContext, LayerKV
 from specdiff.engine.history import HISTORY_LENGTH, TokenHistory
 from specdiff.engine.policy import BlockCall, Policy, StepPlan, StepSignals
 
@@ -151,7 +151,6 @@ class StepEvent:
 @dataclasses.dataclass
 class BranchState:
     history: TokenHistory = dataclasses.field(default_factory=TokenHistory)
-    kv: dict = dataclasses.field(default_factory=dict)
     attention: torch.Tensor | None = None  # taps of the last step
     future: list[tuple[float, torch.Tensor]] = dataclasses.field(default_factory=list)
     step: int = 0
@@ -176,6 +175,7 @@ class Runtime:
         self.summary: GenerationSummary | None = None
         self.last_summary: GenerationSummary | None = None
         self._branches: list[BranchState] = []
+        self.kv_slots: list[list[LayerKV]] = []  # per attention layer, one LayerKV per branch
         self._speculated: list[list[tuple[float, torch.Tensor]]] = []
         self._last_timestep: float | None = None
         self._branch = 0
@@ -189,6 +189,11 @@ class Runtime:
     def phase(self) -> str | None:
         """The generation's phase, seen from the calling thread: other threads run plain."""
         return self._phase if self._owner == threading.get_ident() else None
+
+    def new_kv_slots(self, layers: int) -> list[list[LayerKV]]:
+        """One list of key/value slots per attention layer (grown per branch), for the adapter's processors."""
+        self.kv_slots = [[] for _ in range(layers)]
+        return self.kv_slots
 
     # -- generation boundaries ---------------------------------------------
     def start_generation(self, num_steps: int, cfg_groups: int = 1) -> None:
@@ -234,7 +239,10 @@ class Runtime:
         self._last_timestep = None
         self._plan = None
         self.context.enabled = False
-        self.context.kv = None
+        self.context.kv_branch = -1
+        for slots in self.kv_slots:  # the caches are the largest per-generation tensors
+            for slot in slots:
+                slot.keys = slot.values = None
         self.context.memo = None
         self.context.active = None
         self.context.tap_sum = None
@@ -266,6 +274,9 @@ class Runtime:
         self._last_timestep = timestep
         while len(self._branches) <= self._branch:
             state = BranchState()
+            for slots in self.kv_slots:  # each layer's processor holds its own list of slots
+                while len(slots) <= len(self._branches):
+                    slots.append(LayerKV())
             if self._speculated:
                 # a speculative pass without a CFG branch serves every branch with its maps
                 state.future = self._speculated[min(len(self._branches), len(self._speculated) - 1)]
@@ -312,12 +323,14 @@ class Runtime:
         self._plan = plan
         self._step_timestep = timestep
         ctx.enabled = True
+        ctx.real_phase = self.phase == "real"
         ctx.active = plan.compute
-        ctx.kv = branch.kv if self.policy.reads_kv_cache else None  # no caches for methods that never read them
-        ctx.tap_sum = None
+        ctx.kv_branch = self._branch if self.policy.reads_kv_cache else -1  # no caches for methods that never read them
         ctx.tap_seconds = 0.0
         taps = self.phase == "speculative" or self.policy.needs_attention_after(branch.step, self.num_steps)
         ctx.tap_queries = self.policy.tap_queries if taps else 0
+        # one fp32 buffer the layers add into in place (the same tensor for every layer of the step)
+        ctx.tap_sum = torch.zeros(batch, num_tokens, device=device) if taps and ctx.tap_queries > 0 else None
         ctx.tap_include_text = self.policy.tap_include_text
         self._scoring = time.perf_counter() - tic
         return plan.compute
@@ -325,7 +338,9 @@ class Runtime:
     def run_block(self, index: int, num_blocks: int, block, tokens: torch.Tensor, text: torch.Tensor):
         """Run transformer block `index` as block(tokens, text) -> (text, tokens), or let a
         block-level policy (FORA, TaylorSeer, ToCa, first-block cache) stand in for it."""
-        if self.phase != "real" or not self.policy.block_level:
+        # the thread-local context, not `phase`: compiled blocks cannot trace threading.get_ident, and
+        # a call from another thread sees its own, disabled context anyway
+        if not (self.context.enabled and self.context.real_phase) or not self.policy.block_level:
             return block(tokens, text)
         branch = self._branches[self._branch]
         if branch.block_state is None:

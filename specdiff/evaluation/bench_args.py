@@ -54,8 +54,9 @@ def build_tune_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="methods to search (default: every method with a speed knob, and full = fewer steps)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps of full compute and of every cache")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    p.add_argument("--margin", type=float, default=0.0,
-                   help="require the calibration score to beat the target by this much (a safety margin)")
+    p.add_argument("--margin", default="auto",
+                   help="how far the calibration mean must clear the target: a number in the metric's units, or "
+                        "auto = one standard error over the calibration prompts")
     p.add_argument("--rank", default="flops", choices=["flops", "wallclock"],
                    help="choose among the finalists by FLOPs ratio (deterministic) or by measured wall-clock")
     p.add_argument("--batch-size", type=int, default=8, help="calibration prompts per pipeline call")

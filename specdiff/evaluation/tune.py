@@ -117,6 +117,17 @@ class Evaluation:
     meets: bool = False
 
 
+def _margin(per_prompt: np.ndarray, margin: float | str) -> float:
+    """How far above the threshold a calibration mean must be: a number, or "auto" = one standard error
+    of the mean over the calibration prompts (a setting just at the target on a few prompts misses it
+    on others about half the time; one standard error makes that about one in six)."""
+    if margin != "auto":
+        return float(margin)
+    if len(per_prompt) < 2:
+        return 0.0
+    return float(np.std(per_prompt, ddof=1) / math.sqrt(len(per_prompt)))
+
+
 def _bootstrap(values: np.ndarray, statistic=np.mean, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of `statistic` over resampled prompts."""
     values = np.asarray(values, dtype=float)
@@ -415,7 +426,7 @@ class _Runner:
 
 def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=30", *, calibration: int = 8,
          verify: int = 16, budget_minutes: float = 20.0, methods: list[str] | None = None, steps: int = 28,
-         seed: int = 0, out=None, clip=None, margin: float = 0.0, rank: str = "flops", batch_size: int = 8,
+         seed: int = 0, out=None, clip=None, margin: float | str = "auto", rank: str = "flops", batch_size: int = 8,
          pipeline_kwargs: dict | None = None, model_name: str | None = None, progress: bool = True) -> TuneResult:
     """Find the fastest setting that meets `target` on `calibration` prompts, then verify it on the
     next `verify` prompts. `prompts` needs calibration + verify entries (None: the embedded model's
@@ -437,6 +448,8 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
             raise ConfigError(f"{option} must be an integer of at least {low}, got {value!r}")
     if not (isinstance(budget_minutes, (int, float)) and math.isfinite(budget_minutes) and budget_minutes > 0):
         raise ConfigError(f"--budget must be a positive number of minutes, got {budget_minutes!r}")
+    if margin != "auto" and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin)):
+        raise ConfigError(f"--margin must be auto or a number in the metric's units, got {margin!r}")
     if rank not in ("flops", "wallclock"):
         raise ConfigError(f"--rank must be flops or wallclock, got {rank!r}")
     if target.metric == "clip" and clip is None:
@@ -494,7 +507,16 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
         raise ConfigError(f"--budget {budget_minutes:g} minutes is too small for one evaluation of each of the "
                           f"{len(names)} methods and the verification (about {minimum / 60:.1f} minutes on this "
                           f"machine); give --budget {math.ceil(minimum / 60 * 1.5)} or fewer --methods")
-    search_deadline = started + budget - verify_estimate
+    batch_one_factor = one_prompt * len(calib_prompts) / full_seconds  # one prompt per call vs batched
+
+    def verification_seconds() -> float:
+        """The verification of today's finalists, from their calibration times: each prompt timed alone,
+        then one batched pass counting FLOPs, for full compute and (per method) its default and its best."""
+        per_method = {}
+        for e in order:
+            per_method.setdefault(e.setting.method, []).append(e.seconds)
+        seconds = full_seconds + sum(max(v) * min(2, len(v)) for v in per_method.values())
+        return seconds * len(verify_prompts) / len(calib_prompts) * (batch_one_factor + 1)
 
     evaluations: dict[str, Evaluation] = {}
     order: list[Evaluation] = []
@@ -506,7 +528,7 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
         per_prompt = scorer(images, reference, calib_prompts, calib_scenes)
         result = Evaluation(setting, per_prompt, flops, seconds, score=float(np.mean(per_prompt)),
                             speedup_flops=full_flops / max(flops, 1))
-        result.meets = result.score >= threshold + margin
+        result.meets = result.score - _margin(per_prompt, margin) >= threshold
         evaluations[setting.label] = result
         order.append(result)
         return result
@@ -529,7 +551,8 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
     out_of_time = False
     while any(not s.done for s in searches):
         for search in searches:
-            if time.perf_counter() > search_deadline:
+            slowest = max((e.seconds for e in order), default=full_seconds)  # room for one more evaluation
+            if time.perf_counter() + slowest + verification_seconds() > started + budget:
                 out_of_time = True
                 break
             step = search.next_setting()
@@ -642,7 +665,9 @@ def summary_markdown(result: TuneResult) -> str:
                  f"Threshold {result.threshold:.3f} (full compute scores {result.full_score:.3f} on the "
                  f"{m['calibration_prompts']} calibration prompts). Verification on {m['verification_prompts']} "
                  f"other prompts, each timed alone, interleaved with full compute; 95 % intervals by bootstrap "
-                 f"over prompts. Chosen by: {m['speed_used_to_choose']}.")
+                 f"over prompts. A setting meets the target when its calibration mean clears it by "
+                 f"{'one standard error' if m['margin'] == 'auto' else m['margin']}. "
+                 f"Chosen by: {m['speed_used_to_choose']}.")
     lines.append("")
     if result.chosen is None:
         lines.append("**No setting met the target on the calibration prompts.** Best found per method:")
