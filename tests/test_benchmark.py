@@ -272,3 +272,25 @@ def test_other_libraries_log_lines_are_held_back_and_reported(tmp_path, capsys):
     assert "[Cache-DiT]" not in out and "held back" in out
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert any("cache_dit" in key for key in meta["library_messages"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-flux"])
+def test_gpu_speed_script_runs_at_tiny_size(preset, tmp_path, capsys):
+    """The GPU benchmark is prepared to run first time: the same code at a tiny size on the CPU."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
+    spec = importlib.util.spec_from_file_location("gpu_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--preset", preset, "--repeats", "1", "--calls", "2", "--ratios", "0.5", "0.9",
+                        "--device", "cpu", "--out", str(tmp_path / "speed.json")])
+    assert [r["method"] for r in rows] == ["stock", "specdiff r=0.5", "specdiff r=0.9"]
+    assert rows[0]["flops_ratio"] == 1.0 and rows[1]["flops_ratio"] > 1.3 and rows[2]["flops_ratio"] > rows[1]["flops_ratio"]
+    assert all(r["dense_call_ms"] > 0 for r in rows) and rows[1]["sparse_call_ms"] > 0
+    assert rows[2]["calls_timed"] == 2
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["meta"]["preset"] == preset and len(saved["rows"]) == 3
+    assert "efficiency" in capsys.readouterr().out
