@@ -130,3 +130,50 @@ def test_the_random_ablation_has_specdiffs_schedule_by_default():
     random_config, specdiff_config = specdiff.RandomTokensConfig(), specdiff.SpecDiffConfig()
     assert (random_config.warmup_steps, random_config.reset_steps, random_config.cache_ratio) == \
         (specdiff_config.warmup_steps, specdiff_config.reset_steps, specdiff_config.cache_ratio)
+
+
+def _signals(batch=1, tokens=10, **fields):
+    from specdiff.engine.policy import StepSignals
+
+    base = dict(step=10, num_steps=28, timestep=500.0, batch=batch, num_tokens=tokens, device=torch.device("cpu"),
+                attention=torch.ones(batch, tokens), future=lambda t: None, cached_count=torch.zeros(batch, tokens),
+                last_outputs=[torch.zeros(batch, tokens, 4)] * 3, cfg_groups=1, generator=torch.Generator())
+    return StepSignals(**{**base, **fields})
+
+
+def test_specdiff_change_importance_computes_the_tokens_that_moved_most():
+    from specdiff.policies.specdiff import SpecDiffPolicy
+
+    change = torch.tensor([[0.1, 5.0, 0.2, 0.3, 4.0, 0.1, 0.2, 0.1, 0.3, 0.2]])
+    attention = torch.tensor([[9.0, 0.1, 9.0, 1, 0.1, 1, 1, 1, 1, 1]])  # points the other way
+    signals = _signals(attention=attention, observed_change=change)
+    for importance, expected in (("change", {1, 4}), ("his", {0, 2})):
+        policy = SpecDiffPolicy(specdiff.SpecDiffConfig(cache_ratio=0.8, starvation_scale=0.0, importance=importance))
+        assert set(policy.plan(signals).compute[0].tolist()) == expected
+    # before any change was observed the step runs in full
+    policy = SpecDiffPolicy(specdiff.SpecDiffConfig(importance="change"))
+    assert policy.plan(_signals(observed_change=None)).compute is None
+    assert policy.speculative_steps == 0 and policy.tap_queries == 0  # no taps, no speculative pass
+    assert SpecDiffPolicy(specdiff.SpecDiffConfig()).speculative_steps == 2  # the paper's default unchanged
+
+
+def test_specdiff_importance_is_validated():
+    with pytest.raises(specdiff.ConfigError, match="importance must be one of"):
+        specdiff.SpecDiffConfig(importance="edges")
+    with pytest.raises(specdiff.ConfigError, match="speculative_steps must be at least 1"):
+        specdiff.SpecDiffConfig(importance="fut", speculative_steps=0)
+
+
+def test_history_observes_change_only_where_tokens_ran():
+    from specdiff.engine.history import TokenHistory
+
+    history = TokenHistory()
+    history.record(torch.zeros(1, 4, 2), None, 1000.0)
+    history.record(torch.ones(1, 4, 2), None, 900.0)  # every token moved by sqrt(2) over 100
+    assert torch.allclose(history.observed_change, torch.full((1, 4), 2 ** 0.5 / 100))
+    moved = torch.ones(1, 4, 2)
+    moved[0, 2] = 11.0  # token 2 ran and moved by 10 * sqrt(2); token 0 "moved" but did not run
+    moved[0, 0] = 50.0
+    history.record(moved, torch.tensor([[2, 3]]), 800.0)
+    expected = torch.tensor([[2 ** 0.5 / 100, 2 ** 0.5 / 100, 10 * 2 ** 0.5 / 100, 0.0]])
+    assert torch.allclose(history.observed_change, expected)

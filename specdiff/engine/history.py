@@ -30,6 +30,8 @@ class TokenHistory:
         self.outputs: list[torch.Tensor] = []  # most recent first
         self.timesteps: list[float] = []
         self.cached_count: torch.Tensor | None = None  # (B, N) consecutive steps not computed
+        # (B, N) how fast each token's output moved (norm per unit of timestep) when it was last computed
+        self.observed_change: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.outputs)
@@ -60,6 +62,13 @@ class TokenHistory:
         return filled.scatter(1, index, computed)
 
     def record(self, output: torch.Tensor, active: torch.Tensor | None, timestep: float) -> None:
+        if self.outputs and self.outputs[0].shape == output.shape:
+            gap = max(abs(timestep - self.timesteps[0]), 1e-6)
+            change = (output - self.outputs[0]).float().norm(dim=-1) / gap
+            if active is None or self.observed_change is None:
+                self.observed_change = change
+            else:  # only computed tokens were observed; the others keep their last observation
+                self.observed_change = self.observed_change.scatter(1, active, change.gather(1, active))
         self.outputs.insert(0, output)
         del self.outputs[HISTORY_LENGTH:]
         self.timesteps.insert(0, timestep)

@@ -117,6 +117,7 @@ class StepSignals:
     last_outputs: list[torch.Tensor]  # most recent first, (B, N, P)
     cfg_groups: int  # rows r and r + B / cfg_groups belong to one prompt (1 = no sharing)
     generator: torch.Generator
+    observed_change: torch.Tensor | None = None  # (B, N) output change rate when each token last ran
 
 
 @dataclasses.dataclass(frozen=True)

@@ -312,6 +312,7 @@ class Runtime:
                 future=lambda t, b=branch: rows_for(nearest_future(b.future, t), batch),
                 cached_count=branch.history.cached_count,
                 last_outputs=branch.history.outputs,
+                observed_change=branch.history.observed_change,
                 cfg_groups=self.cfg_groups if batch % max(self.cfg_groups, 1) == 0 else 1,
                 generator=self._generator,
             )

@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from specdiff.engine.policy import (
+    ConfigError,
     SpeedKnob,
     DENSE,
     DenseScheduleConfig,
@@ -55,13 +56,22 @@ class SpecDiffConfig(DenseScheduleConfig):
         speculative_cfg (bool, default False): run the speculative pass with the pipeline's classifier-free
             guidance (True, the paper's "same input" read literally) or on the conditional rows only
             (False: about half its cost; both CFG halves share the maps).
+        importance (str, default "his-fut"): what ranks the tokens to compute, before the starvation term.
+            "his-fut": attention received x the speculative map (the paper's; unchanged default).
+            "his" / "fut": one of the two (the paper's ablations; "his" skips the speculative pass).
+            "change": how fast the token's output moved when it last ran (no taps; the speculative
+                pass is skipped whatever speculative_steps says). Measured on the embedded model, a token's last
+                observed change predicts its next change with Spearman +0.62, while attention received
+                predicts it negatively (-0.19; BENCHMARKS.md, the token-score study).
+            "change-fut": change x the speculative map.
         warmup_steps (int, default 4): steps at the start that compute every token.
         reset_steps (tuple of int, default (12, 22)): further steps (0-based) that compute every token.
     """
 
     method = "specdiff"
     speed_knob = SpeedKnob("cache_ratio", 0.3, 0.97)
-    tuning_alternatives = {"speculative_steps": (0, 1, 3), "warmup_steps": (2, 6), "reset_steps": ((), (14,))}
+    tuning_alternatives = {"importance": ("change",), "speculative_steps": (0, 1, 3), "warmup_steps": (2, 6),
+                           "reset_steps": ((), (14,))}
 
     reset_steps: tuple[int, ...] = (12, 22)  # chosen by the sweeps in BENCHMARKS.md section 3
     cache_ratio: float = 0.9
@@ -72,6 +82,9 @@ class SpecDiffConfig(DenseScheduleConfig):
     tap_include_text: bool = False
     share_cfg_selection: bool = True
     speculative_cfg: bool = False  # half the speculation's cost for -0.3 dB (BENCHMARKS.md section 3)
+    importance: str = "his-fut"
+
+    IMPORTANCE = ("his-fut", "his", "fut", "change", "change-fut")
 
     def validate(self) -> None:
         super().validate()
@@ -80,6 +93,12 @@ class SpecDiffConfig(DenseScheduleConfig):
         check_range(self, "starvation_scale", 0.0, 10.0)
         check_range(self, "reuse_mass", 0.0, 1.0)
         check_int(self, "tap_queries", 1, 4096)
+        if self.importance not in self.IMPORTANCE:
+            raise ConfigError(f"SpecDiffConfig.importance must be one of {', '.join(self.IMPORTANCE)}, "
+                              f"got {self.importance!r}")
+        if "fut" in self.importance and self.importance != "his-fut" and self.speculative_steps == 0:
+            raise ConfigError(f"SpecDiffConfig.importance={self.importance!r} reads the speculative map: "
+                              "speculative_steps must be at least 1")
 
 
 class SpecDiffPolicy(Policy):
@@ -88,7 +107,8 @@ class SpecDiffPolicy(Policy):
 
     @property
     def speculative_steps(self) -> int:
-        return self.config.speculative_steps
+        # "his" and "change" read no speculative map: no speculative pass to pay for
+        return self.config.speculative_steps if "fut" in self.config.importance else 0
 
     @property
     def speculative_cfg(self) -> bool:
@@ -96,20 +116,36 @@ class SpecDiffPolicy(Policy):
 
     @property
     def tap_queries(self) -> int:
-        return self.config.tap_queries
+        # taps measure attention received ("his") and feed the speculative map ("fut")
+        return self.config.tap_queries if self.config.importance != "change" else 0
 
     @property
     def tap_include_text(self) -> bool:
         return self.config.tap_include_text
 
     def needs_attention_after(self, step: int, num_steps: int) -> bool:
-        # only a sparse step reads the previous step's taps: skip them before dense steps and at the end
-        return step + 1 < num_steps and not self.config.is_dense(step + 1)
+        # only a sparse step reads the previous step's taps ("his"): skip them before dense steps, at the
+        # end, and when the score does not use attention received
+        uses_his = self.config.importance in ("his-fut", "his")
+        return uses_his and step + 1 < num_steps and not self.config.is_dense(step + 1)
+
+    def _ready(self, signals: StepSignals) -> bool:
+        if self.config.importance in ("his-fut", "his"):
+            return signals.attention is not None
+        if self.config.importance == "fut":
+            return signals.future(signals.timestep) is not None or signals.attention is not None
+        return signals.observed_change is not None
 
     def importance(self, signals: StepSignals) -> torch.Tensor:
-        """his * fut, each normalised to mean 1 per row."""
-        score = normalise(signals.attention.float())
-        future = signals.future(signals.timestep)
+        """The chosen signals, each normalised to mean 1 per row, multiplied."""
+        kind = self.config.importance
+        future = signals.future(signals.timestep) if "fut" in kind else None
+        if kind in ("change", "change-fut"):
+            score = normalise(signals.observed_change.float())
+        elif kind == "fut" and future is not None:
+            score, future = normalise(future.float()), None
+        else:  # "his-fut", "his", and "fut" before any speculative map exists
+            score = normalise(signals.attention.float())
         if future is not None:
             score = score * normalise(future.float())
         if self.config.share_cfg_selection:
@@ -117,7 +153,7 @@ class SpecDiffPolicy(Policy):
         return score
 
     def plan(self, signals: StepSignals) -> StepPlan:
-        if self.config.is_dense(signals.step) or signals.attention is None:
+        if self.config.is_dense(signals.step) or not self._ready(signals):
             return DENSE
         importance = self.importance(signals)
         score = importance
