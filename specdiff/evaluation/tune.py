@@ -499,8 +499,8 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
     # The budget: one evaluation per method and the verification must fit (the latter is estimated from
     # one prompt's full-compute time, times every finalist and default, plus full compute itself).
     _, one_prompt = runner.timed(full, verify_prompts[0], calibration)
-    per_setting = one_prompt * len(verify_prompts) + full_seconds * len(verify_prompts) / len(calib_prompts)
-    verify_estimate = per_setting * (1 + 0.6 * 2 * len(names))  # accelerated settings take about 0.6 of full's time
+    # each verified setting: every verification prompt timed alone; accelerated ones take about 0.6 of full's time
+    verify_estimate = one_prompt * len(verify_prompts) * (1 + 0.6 * 2 * len(names))
     minimum = time.perf_counter() - started + full_seconds * len(names) + verify_estimate
     budget = budget_minutes * 60
     if minimum > budget:
@@ -512,11 +512,13 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
     def verification_seconds() -> float:
         """The verification of today's finalists, from their calibration times: each prompt timed alone,
         then one batched pass counting FLOPs, for full compute and (per method) its default and its best."""
-        per_method = {}
-        for e in order:
-            per_method.setdefault(e.setting.method, []).append(e.seconds)
-        seconds = full_seconds + sum(max(v) * min(2, len(v)) for v in per_method.values())
-        return seconds * len(verify_prompts) / len(calib_prompts) * (batch_one_factor + 1)
+        seconds = full_seconds
+        for name in names:  # its default and its fastest passing setting so far, if they met the target
+            mine = [e for e in order if e.setting.method == name and e.meets]
+            default = _default_setting(name, steps)
+            seconds += sum(e.seconds for e in mine if default is not None and e.setting.label == default.label)
+            seconds += min((e.seconds for e in mine), default=0.0)
+        return seconds * len(verify_prompts) / len(calib_prompts) * batch_one_factor
 
     evaluations: dict[str, Evaluation] = {}
     order: list[Evaluation] = []
@@ -622,7 +624,8 @@ def _default_setting(name: str, steps: int) -> Setting | None:
 def _verify(runner: _Runner, scorer: _Scorer, full: Setting, finalists, prompts, scenes, first_index: int,
             threshold: float, bar: bool = True) -> list[dict]:
     """Every finalist and full compute, one prompt at a time, interleaved: metric and wall-clock per prompt."""
-    settings = [full] + [e.setting for e, _ in finalists]
+    verified = [(e, role) for e, role in finalists if e.meets]  # a default that missed is listed, not re-run
+    settings = [full] + [e.setting for e, _ in verified]
     times = {s.label: [] for s in settings}
     images = {s.label: [] for s in settings}
     runner.timed(full, prompts[0], first_index)  # warm-up
@@ -632,12 +635,18 @@ def _verify(runner: _Runner, scorer: _Scorer, full: Setting, finalists, prompts,
             images[setting.label].append(image)
             times[setting.label].append(seconds)
     reference = torch.cat(images[full.label])
-    flops = {}
-    for setting in settings:  # FLOPs on the verification prompts (first-block's depend on the content)
-        _, flops[setting.label], _ = runner.run(setting, prompts, first_index)
     rows = []
     for evaluation, role in finalists:
         label = evaluation.setting.label
+        if not evaluation.meets:
+            rows.append({
+                "label": label, "method": evaluation.setting.method, "role": role,
+                "config": evaluation.setting.fields(), "num_inference_steps": evaluation.setting.steps,
+                "calibration_score": evaluation.score, "calibration_meets": False,
+                "calibration_speedup_flops": evaluation.speedup_flops, "speedup_flops": evaluation.speedup_flops,
+                "verification_score": None, "holds": None, "chosen": False,
+            })
+            continue
         per_prompt = scorer(torch.cat(images[label]), reference, prompts, scenes)
         ratios = np.array(times[full.label]) / np.array(times[label])
         score = float(np.mean(per_prompt))
@@ -648,7 +657,7 @@ def _verify(runner: _Runner, scorer: _Scorer, full: Setting, finalists, prompts,
             "calibration_speedup_flops": evaluation.speedup_flops,
             "verification_score": score, "verification_score_ci95": list(_bootstrap(per_prompt)),
             "holds": score >= threshold, "misses_by": max(0.0, threshold - score),
-            "speedup_flops": flops[full.label] / max(flops[label], 1),
+            "speedup_flops": evaluation.speedup_flops,  # counted on the calibration prompts
             "speedup_wallclock_median": float(np.median(ratios)),
             "speedup_wallclock_ci95": list(_bootstrap(ratios, np.median)),
             "seconds_per_image_median": statistics.median(times[label]),
@@ -689,10 +698,14 @@ def summary_markdown(result: TuneResult) -> str:
                      f"{c['speedup_wallclock_ci95'][1]:.2f}), {c['speedup_flops']:.2f}x in FLOPs.")
         lines.append("")
     lines.append("| setting | role | calibration score | meets (calib.) | verification score (95 % CI) | holds | "
-                 "FLOPs ratio | wall-clock speed-up (95 % CI) |")
+                 "FLOPs ratio (calib.) | wall-clock speed-up (95 % CI) |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for r in sorted(result.comparison, key=lambda r: (-r["calibration_meets"], -r["speedup_flops"])):
         mark = " **(chosen)**" if r["chosen"] else ""
+        if r["verification_score"] is None:
+            lines.append(f"| `{r['label']}` | {r['role']} | {r['calibration_score']:.3f} | no | not verified (missed "
+                         f"on calibration) | - | {r['speedup_flops']:.2f}x | - |")
+            continue
         lo, hi = r["verification_score_ci95"]
         wlo, whi = r["speedup_wallclock_ci95"]
         lines.append(f"| `{r['label']}`{mark} | {r['role']} | {r['calibration_score']:.3f} | "
