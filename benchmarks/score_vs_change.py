@@ -7,8 +7,8 @@ embedded one by default, or a local SD3 / FLUX folder) while recording, at
 every step, each signal a method could rank tokens by, and the change each
 token's output then makes (L2 over channels of F_t - F_{t-1}). It prints,
 per signal:
-- Spearman rank correlation with the change (mean over rows and steps), and
-  with the relative change |F_t - F_{t-1}| / |F_{t-1}| (the paper's wording);
+- Spearman rank correlation with the change (mean over rows and steps; and
+  per stage, thirds of the run: early / middle / late), and with the relative change |F_t - F_{t-1}| / |F_{t-1}| (the paper's wording);
 - the share of the step's total change held by the 10 % of tokens the signal
   ranks highest (what a cache ratio of 0.9 computes; oracle = the best possible).
 
@@ -65,7 +65,10 @@ def top_share(score: torch.Tensor, change: torch.Tensor, fraction: float = 0.1) 
     return picked.sum(-1) / change.sum(-1)
 
 
-def accumulate(seen: list[dict], first_step: int, generator: torch.Generator, results: dict) -> None:
+STAGES = ("early", "middle", "late")  # thirds of the run
+
+
+def accumulate(seen: list[dict], first_step: int, generator: torch.Generator, results: dict, steps: int = 28) -> None:
     """Add one batch's per-(row, step) statistics for every signal to `results`."""
     # step s sees outputs up to s-1; its change F_s - F_{s-1} is read at step s+1 of the same branch
     by_key = {(entry["branch"], entry["step"]): entry for entry in seen}
@@ -82,16 +85,21 @@ def accumulate(seen: list[dict], first_step: int, generator: torch.Generator, re
             "his x fut (SpecDiff's score without starvation)":
                 normalise(now["his"]) * normalise(now["fut"]) if has_future else None,
             "std of the last output (RAS)": now["last"].std(dim=-1),
-            "last change, norm of F_t-1 - F_t-2": (now["last"] - now["before"]).norm(dim=-1),
+            "last change, norm of F_t-1 - F_t-2 (importance=\"change\")": (now["last"] - now["before"]).norm(dim=-1),
+            "last change x fut (importance=\"change-fut\")":
+                normalise((now["last"] - now["before"]).norm(dim=-1)) * normalise(now["fut"]) if has_future else None,
             "random": torch.rand(change.shape, generator=generator),
             "oracle: the change itself": change,
         }
         for name, score in signals.items():
             if score is None:
                 continue
-            entry = results.setdefault(name, {"rho": [], "rho_relative": [], "top": []})
+            entry = results.setdefault(name, {"rho": [], "rho_relative": [], "top": [], **{st: [] for st in STAGES}})
+            stage = STAGES[min(2, 3 * step // max(steps, 1))]
             for row in range(change.shape[0]):
-                entry["rho"].append(spearmanr(score[row].numpy(), change[row].numpy()).statistic)
+                rho = spearmanr(score[row].numpy(), change[row].numpy()).statistic
+                entry["rho"].append(rho)
+                entry[stage].append(rho)
                 entry["rho_relative"].append(spearmanr(score[row].numpy(), relative[row].numpy()).statistic)
             entry["top"].extend(top_share(score, change).tolist())
 
@@ -124,16 +132,19 @@ def main() -> None:
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches"):
         batch = prompts[start : start + args.batch_size]
         seeds = [args.seed + start + i for i in range(len(batch))]
-        accumulate(record_signals(pipe, batch, args.steps, seeds, taps, extra), args.first_step, generator, results)
+        accumulate(record_signals(pipe, batch, args.steps, seeds, taps, extra), args.first_step, generator, results,
+                   args.steps)
 
     source = args.prompts or f"{args.split} prompts"
     print(f"{args.model}, {len(prompts)} prompts ({source}), {args.steps} steps, steps >= {args.first_step}, "
           f"taps: {args.tap_queries} image queries{' + text queries' if args.tap_include_text else ''}, "
           f"{len(next(iter(results.values()))['top'])} (row, step) pairs\n")
-    print("| signal | Spearman rho with the change | rho with the relative change | share of the change in its top 10 % |")
-    print("|---|---|---|---|")
+    print("| signal | Spearman rho with the change | early | middle | late | rho with the relative change | "
+          "share of the change in its top 10 % |")
+    print("|---|---|---|---|---|---|---|")
     for name, entry in results.items():
-        print(f"| {name} | {np.nanmean(entry['rho']):.3f} | {np.nanmean(entry['rho_relative']):.3f} | "
+        stages = " | ".join(f"{np.nanmean(entry[st]):.3f}" if entry[st] else "-" for st in STAGES)
+        print(f"| {name} | {np.nanmean(entry['rho']):.3f} | {stages} | {np.nanmean(entry['rho_relative']):.3f} | "
               f"{100 * np.mean(entry['top']):.1f} % |")
 
 
