@@ -119,6 +119,9 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
     adapter.install()
     state = _State(adapter, runtime)
     if pipeline is not None:
+        from specdiff.adapters.base import ScheduleReader
+
+        adapter.schedule = ScheduleReader(pipeline)
         state.pipeline = pipeline
         state.original_class = type(pipeline)
         vars(pipeline)[_STATE_ATTR] = state  # found again even if pipe.transformer is replaced
@@ -288,7 +291,9 @@ def _accelerated_call(pipe, *args, **kwargs):
     try:
         with _prompts_encoded_once(pipe):
             if runtime.policy.speculative_steps > 0:
+                state.adapter.schedule.reset()
                 _speculate(pipe, base_call, arguments, runtime)
+            state.adapter.schedule.reset()  # each pass sets its own timesteps
             result = base_call(pipe, **arguments)
         runtime.finish_generation()
         return result

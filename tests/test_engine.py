@@ -324,3 +324,39 @@ def test_key_value_caches_only_for_methods_that_read_them(sd3, config, holds):
     with specdiff.accelerated(sd3, config):
         generate(sd3, callback_on_step_end=look)
     assert (max(seen) > 0) == holds
+
+
+def test_timesteps_come_from_the_schedule_not_a_sync_per_call(sd3):
+    """Reading the timestep with .item() on every call is a host-device sync per step on a GPU: the
+    pipeline's schedule is read once per pass instead, and the values are the ones the model got."""
+    seen, counted = [], {"item": 0}
+    original_item = torch.Tensor.item
+
+    def counting_item(self):
+        counted["item"] += 1
+        return original_item(self)
+
+    config = specdiff.RASConfig(cache_ratio=0.5, warmup_steps=2)
+    with specdiff.accelerated(sd3, config):
+        remove = specdiff.observe(sd3, lambda event: seen.append(event.timestep))
+        torch.Tensor.item = counting_item
+        try:
+            generate(sd3)
+        finally:
+            torch.Tensor.item = original_item
+            remove()
+    plain = {"item": 0}
+
+    def counting_plain(self):
+        plain["item"] += 1
+        return original_item(self)
+
+    torch.Tensor.item = counting_plain
+    try:
+        generate(sd3)
+    finally:
+        torch.Tensor.item = original_item
+    # one check per pass, not one read per step
+    assert counted["item"] - plain["item"] <= 2, (counted, plain)
+    expected = sd3.scheduler.timesteps.float().tolist()
+    assert seen == pytest.approx(expected[len(expected) - len(seen):])

@@ -38,6 +38,47 @@ def timestep_value(timestep: torch.Tensor | float) -> float:
     return float(timestep)
 
 
+class ScheduleReader:
+    """The timestep of the transformer call in progress, from the pipeline's scheduler: its timesteps
+    are copied to the host once per pipeline call (one sync), then indexed by the scheduler's step
+    index, instead of a host-device sync (`.item()`) on every call. The first call of each schedule is
+    checked against the timestep the transformer really got; a schedule that does not match (a custom
+    loop, another scheduler) falls back to reading every call."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline  # its scheduler is read at every call: the user may swap it
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the schedule: the next call reads and checks it again (called per pipeline call)."""
+        self._tensor = None
+        self._values: list[float] = []
+        self._trusted = False
+
+    @property
+    def scheduler(self):
+        return getattr(self.pipeline, "scheduler", None)
+
+    def read(self, timestep, scale: float) -> float:
+        schedule = getattr(self.scheduler, "timesteps", None)
+        if not isinstance(schedule, torch.Tensor) or schedule.ndim != 1:
+            return timestep_value(timestep) * scale
+        if schedule is not self._tensor:  # set_timesteps made a new schedule: a new pipeline call
+            self._tensor, self._values = schedule, schedule.float().cpu().tolist()
+            exact = timestep_value(timestep) * scale
+            value = self._at_current_index()
+            self._trusted = value is not None and abs(value - exact) <= 1e-2 * max(1.0, abs(exact))
+            return exact
+        value = self._at_current_index() if self._trusted else None
+        return value if value is not None else timestep_value(timestep) * scale
+
+    def _at_current_index(self) -> float | None:
+        index = getattr(self.scheduler, "step_index", None)
+        if index is None:
+            index = getattr(self.scheduler, "begin_index", None) or 0
+        return self._values[index] if isinstance(index, int) and 0 <= index < len(self._values) else None
+
+
 def on_tokens(context, active: torch.Tensor | None, run):
     """Run `run()` with the attention context set to the image tokens `active` (None: as the step set it)."""
     if active is None:
@@ -118,6 +159,7 @@ class Adapter:
         self._handles = []
         self._hooked_blocks = []
         self._signature = inspect.signature(type(model).forward)
+        self.schedule: ScheduleReader | None = None  # set by enable when a pipeline (and its scheduler) drives the model
 
     def make_processor(self, kv_slots, layer_index: int):
         """The family's attention processor for one layer; kv_slots: that layer's LayerKV per branch."""
@@ -135,7 +177,12 @@ class Adapter:
         if accelerated and "ip_adapter_image_embeds" in attention_kwargs:
             raise NotImplementedError(f"specdiff does not accelerate {type(module).__name__} with an IP-Adapter yet")
         context = self.runtime.context  # per thread: a plain call elsewhere cannot change it
-        context.timestep = timestep_value(arguments["timestep"]) * self.timestep_scale
+        if not accelerated:
+            return None  # a plain call: nothing to read
+        if self.schedule is not None:
+            context.timestep = self.schedule.read(arguments["timestep"], self.timestep_scale)
+        else:  # a bare transformer: the caller's loop, no scheduler to read
+            context.timestep = timestep_value(arguments["timestep"]) * self.timestep_scale
         text = arguments.get("encoder_hidden_states")
         context.text_length = text.shape[1] if text is not None else 0
         return None
