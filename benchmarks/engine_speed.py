@@ -1,6 +1,16 @@
 """Engine benchmark: full compute vs SpecDiff on a random-weight SD3 transformer, CPU.
 
     python benchmarks/engine_speed.py --width 512 --layers 4 --size 128 --steps 28 --repeats 3
+    python benchmarks/engine_speed.py --preset sd3-medium --blocks 2      # per call, at SD3-medium's shapes
+    python benchmarks/engine_speed.py --preset tiny --repeats 1           # the same code path in seconds (CI)
+
+Per-call mode (--preset): a bare transformer with the preset's per-block shapes (SD3-medium / FLUX-dev
+at 1024 px: 4,096 image tokens; width, heads, text tokens, CFG batch as the real model) and --blocks
+blocks, called as in a generation with the timestep falling. Per method the stock call and SpecDiff's
+sparse calls at each cache ratio, tapped (the paper's score: attention taps run) and untapped
+(importance="change": no taps); speculation off (it is dense calls at other timesteps). Each call timed
+alone, wall-clock and process CPU time, the whole call and the span of its blocks; FLOPs per call and
+per block span by FlopCounterMode in a separate pass.
 
 Prints a Markdown table: wall-clock per generation (median of interleaved
 repeats), the wall-clock speed-up (median of per-repeat ratios to full
@@ -12,8 +22,10 @@ measures the engine's speed, not image quality.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -23,8 +35,213 @@ from specdiff.evaluation.flops import count_module_flops
 from specdiff.tiny_pipelines import tiny_sd3_pipeline
 
 
+
+# -- per call at a model's real shapes (--preset) ----------------------------------------------------
+
+PRESETS = {
+    # per-block shapes of the real models at 1024 x 1024 (4,096 image tokens)
+    "sd3-medium": dict(family="sd3", width_heads=24, head_dim=64, image_side=64, text_tokens=333, batch=2,
+                       joint_dim=4096, pooled_dim=2048, in_channels=16),
+    "flux-dev": dict(family="flux", width_heads=24, head_dim=128, image_side=64, text_tokens=512, batch=1,
+                     joint_dim=4096, pooled_dim=768, in_channels=64),
+    "tiny": dict(family="sd3", width_heads=2, head_dim=32, image_side=8, text_tokens=12, batch=2,
+                 joint_dim=32, pooled_dim=32, in_channels=4),
+    "tiny-flux": dict(family="flux", width_heads=2, head_dim=32, image_side=8, text_tokens=12, batch=1,
+                      joint_dim=32, pooled_dim=32, in_channels=16),
+}
+
+
+def build(preset: dict, layers: int, device, dtype):
+    """(transformer, call(step, num_steps) -> output) with random weights and inputs."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    heads, head_dim, side, b = preset["width_heads"], preset["head_dim"], preset["image_side"], preset["batch"]
+    text = torch.randn(b, preset["text_tokens"], preset["joint_dim"], device=device, dtype=dtype)
+    pooled = torch.randn(b, preset["pooled_dim"], device=device, dtype=dtype)
+    if preset["family"] == "sd3":
+        model = SD3Transformer2DModel(
+            sample_size=side * 2, patch_size=2, in_channels=preset["in_channels"], out_channels=preset["in_channels"],
+            num_layers=layers, attention_head_dim=head_dim, num_attention_heads=heads,
+            joint_attention_dim=preset["joint_dim"], caption_projection_dim=heads * head_dim,
+            pooled_projection_dim=preset["pooled_dim"], pos_embed_max_size=max(96, side * 2),
+        )
+        latents = torch.randn(b, preset["in_channels"], side * 2, side * 2, device=device, dtype=dtype)
+
+        def call(model, step, steps):
+            t = torch.full((b,), 1000.0 * (1 - step / steps), device=device, dtype=dtype)
+            return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
+                         timestep=t, return_dict=False)[0]
+    else:
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=preset["in_channels"], num_layers=max(1, layers // 2),
+            num_single_layers=max(1, layers - layers // 2), attention_head_dim=head_dim, num_attention_heads=heads,
+            joint_attention_dim=preset["joint_dim"], pooled_projection_dim=preset["pooled_dim"],
+            guidance_embeds=True, axes_dims_rope=(16, 56, 56) if head_dim == 128 else (8, 12, 12),
+        )
+        latents = torch.randn(b, side * side, preset["in_channels"], device=device, dtype=dtype)
+        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        image_ids = torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3).to(device, dtype)
+        text_ids = torch.zeros(preset["text_tokens"], 3, device=device, dtype=dtype)
+        guidance = torch.full((b,), 3.5, device=device, dtype=dtype)
+
+        def call(model, step, steps):
+            t = torch.full((b,), 1 - step / steps, device=device, dtype=dtype)
+            return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                         img_ids=image_ids, txt_ids=text_ids, guidance=guidance, return_dict=False)[0]
+
+    return model.to(device=device, dtype=dtype).eval(), call
+
+
+class CallTimer:
+    """One call's wall-clock and process CPU seconds, and the same for the span of its blocks (first
+    block's start to last block's end, via hooks). On a GPU wall-clock comes from CUDA events (the
+    GPU's time, not the launch's) and CPU time is not meaningful (reported as None)."""
+
+    def __init__(self, model, device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        blocks = [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(model, name, [])]
+        self._marks = {}
+        blocks[0].register_forward_pre_hook(lambda *a: self._mark("blocks_start"))
+        blocks[-1].register_forward_hook(lambda *a: self._mark("blocks_end"))
+
+    def _mark(self, name):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks[name] = event
+        else:
+            self._marks[name] = (time.perf_counter(), time.process_time())
+
+    def __call__(self, fn) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._mark("start")
+        fn()
+        self._mark("end")
+        if self.cuda:
+            torch.cuda.synchronize()
+            m = self._marks
+            return {"wall": m["start"].elapsed_time(m["end"]) / 1000, "cpu": None,
+                    "blocks_wall": m["blocks_start"].elapsed_time(m["blocks_end"]) / 1000, "blocks_cpu": None}
+        m = self._marks
+        return {"wall": m["end"][0] - m["start"][0], "cpu": m["end"][1] - m["start"][1],
+                "blocks_wall": m["blocks_end"][0] - m["blocks_start"][0],
+                "blocks_cpu": m["blocks_end"][1] - m["blocks_start"][1]}
+
+
+def call_flops(model, fn) -> tuple[int, int]:
+    """(FLOPs of the whole call, FLOPs inside its blocks), by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from specdiff.evaluation.flops import _extra_mapping
+
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_mapping())
+    with counter:
+        fn()
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    names = [f"{root}.{lst}.{i}" for lst in ("transformer_blocks", "single_transformer_blocks")
+             for i in range(len(getattr(model, lst, [])))]
+    return int(sum(counts.get(root, {}).values())), int(sum(sum(counts.get(n, {}).values()) for n in names))
+
+
+
+
+def measure_calls(args) -> list[dict]:
+    """Per method the median dense and sparse call: wall-clock and process CPU time, whole call and
+    blocks, and their ratios to the stock call against the FLOPs ratios."""
+    import specdiff
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    preset = PRESETS[args.preset]
+    model, call = build(preset, args.blocks, device, dtype)
+    timer = CallTimer(model, device)
+    if args.compile:
+        specdiff.compile_blocks(model)
+    # one dense call, a second one when the score needs an observed change first, then the sparse calls
+    steps = args.calls + 2
+
+    def config(ratio, tapped):
+        # speculation off (it is dense calls at other timesteps); "change" needs no attention taps
+        return specdiff.SpecDiffConfig(cache_ratio=ratio, speculative_steps=0, warmup_steps=1, reset_steps=(),
+                                       importance="his-fut" if tapped else "change")
+
+    methods = [("stock", None)]
+    for ratio in args.ratios:
+        methods += [(f"specdiff {ratio:g} tapped", config(ratio, True)), (f"specdiff {ratio:g} untapped", config(ratio, False))]
+    measured = {name: {"dense": [], "sparse": []} for name, _ in methods}
+    with torch.inference_mode():
+        for _ in range(2):
+            call(model, 0, steps)
+        for repeat in tqdm(range(args.repeats + 1), desc="interleaved rounds"):  # round 0 warms up every variant
+            for name, cfg in methods:
+                if cfg is None:
+                    results = [timer(lambda s=s: call(model, s, steps)) for s in range(steps)]
+                    dense, sparse = results, []
+                else:
+                    kinds = []
+                    with specdiff.accelerated(model, cfg, num_inference_steps=steps):
+                        specdiff.observe(model, lambda e: kinds.append("dense" if e.plan.compute is None else "sparse"))
+                        results = [timer(lambda s=s: call(model, s, steps)) for s in range(steps)]
+                    dense = [r for r, k in zip(results, kinds) if k == "dense"]
+                    sparse = [r for r, k in zip(results, kinds) if k == "sparse"][: args.calls]
+                if repeat:
+                    measured[name]["dense"] += dense
+                    measured[name]["sparse"] += sparse
+        flops = {"stock": call_flops(model, lambda: call(model, 0, steps))}
+        for name, cfg in methods[1:]:
+            with specdiff.accelerated(model, cfg, num_inference_steps=steps):
+                call(model, 0, steps)
+                call(model, 1, steps)
+                flops[name] = call_flops(model, lambda: call(model, 2, steps))
+    stock = {k: statistics.median(r[k] for r in measured["stock"]["dense"]) for k in ("wall", "cpu", "blocks_wall", "blocks_cpu")
+             if measured["stock"]["dense"][0][k] is not None}
+    rows = []
+    for name, cfg in methods:
+        calls = measured[name]["sparse"] or measured[name]["dense"]
+        median = {k: statistics.median(r[k] for r in calls) for k in stock}
+        flops_ratio, block_flops_ratio = (flops["stock"][0] / flops[name][0], flops["stock"][1] / flops[name][1])
+        row = {"method": name, "calls": len(calls), "flops_ratio": flops_ratio, "block_flops_ratio": block_flops_ratio,
+               "ms_wall": 1000 * median["wall"]}
+        for kind in stock:
+            ratio = stock[kind] / median[kind]
+            row[f"efficiency_{kind}"] = ratio / (block_flops_ratio if kind.startswith("blocks") else flops_ratio)
+        rows.append(row)
+    return rows
+
+
+def calls_table(rows, args) -> str:
+    p = PRESETS[args.preset]
+    device = (torch.cuda.get_device_name(torch.device(args.device)) if torch.device(args.device).type == "cuda"
+              else f"CPU, {torch.get_num_threads()} threads")
+    head = (f"{args.preset} per-block shapes, random weights: {args.blocks} blocks, {p['image_side'] ** 2} image + "
+            f"{p['text_tokens']} text tokens, batch {p['batch']}, {args.dtype}, {device}"
+            + (", blocks compiled" if args.compile else "") + f"; medians over {args.repeats} rounds x {args.calls} calls\n\n")
+    cpu = "efficiency_cpu" in rows[0]
+    lines = ["| method | calls | ms / call | FLOPs ratio (call) | FLOPs ratio (blocks) | efficiency, call, wall | "
+             "efficiency, blocks, wall |" + (" efficiency, call, CPU time | efficiency, blocks, CPU time |" if cpu else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if cpu else "")]
+    for r in rows:
+        line = (f"| {r['method']} | {r['calls']} | {r['ms_wall']:.1f} | {r['flops_ratio']:.2f}x | {r['block_flops_ratio']:.2f}x | "
+                f"{100 * r['efficiency_wall']:.0f} % | {100 * r['efficiency_blocks_wall']:.0f} % |")
+        if cpu:
+            line += f" {100 * r['efficiency_cpu']:.0f} % | {100 * r['efficiency_blocks_cpu']:.0f} % |"
+        lines.append(line)
+    return head + "\n".join(lines) + ("\n\nefficiency = (stock time / method time) / (stock FLOPs / method FLOPs): "
+                                       "100 % turns the whole FLOPs cut into time; sparse calls for the specdiff rows")
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="per-call mode at a model's real per-block shapes (see below); default: whole generations")
+    p.add_argument("--blocks", type=int, default=2, help="--preset: transformer blocks")
+    p.add_argument("--calls", type=int, default=4, help="--preset: sparse calls per generation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="--preset")
+    p.add_argument("--compile", action="store_true", help="--preset: regional torch.compile of the blocks first")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="--preset: also write the rows as JSON")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -35,6 +252,16 @@ def main(argv=None) -> None:
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.preset is not None:
+        args.ratios = args.ratios if args.ratios != [0.5, 0.8, 0.9, 0.95] else [0.5, 0.9]
+        rows = measure_calls(args)
+        print(calls_table(rows, args))
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+        return rows
 
     pipe = tiny_sd3_pipeline(width=args.width, layers=args.layers, heads=args.heads)
     pipe.set_progress_bar_config(disable=True)

@@ -275,22 +275,25 @@ def test_other_libraries_log_lines_are_held_back_and_reported(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-flux"])
-def test_gpu_speed_script_runs_at_tiny_size(preset, tmp_path, capsys):
-    """The GPU benchmark is prepared to run first time: the same code at a tiny size on the CPU."""
+def test_per_call_engine_benchmark_runs_at_tiny_size(preset, tmp_path, capsys):
+    """The per-call benchmark (SD3-medium / FLUX-dev shapes on a real run) through the same code at a tiny size."""
     import importlib.util
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
-    spec = importlib.util.spec_from_file_location("gpu_speed", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_speed.py"
+    spec = importlib.util.spec_from_file_location("engine_speed", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rows = module.main(["--preset", preset, "--repeats", "1", "--calls", "2", "--ratios", "0.5", "0.9",
-                        "--device", "cpu", "--out", str(tmp_path / "speed.json")])
-    assert [r["method"] for r in rows] == ["stock", "specdiff r=0.5", "specdiff r=0.9"]
-    assert rows[0]["flops_ratio"] == 1.0 and rows[1]["flops_ratio"] > 1.3 and rows[2]["flops_ratio"] > rows[1]["flops_ratio"]
-    assert all(r["dense_call_ms"] > 0 for r in rows) and rows[1]["sparse_call_ms"] > 0
-    assert rows[2]["calls_timed"] == 2
-    saved = json.loads((tmp_path / "speed.json").read_text())
-    assert saved["meta"]["preset"] == preset and len(saved["rows"]) == 3
+                        "--device", "cpu", "--out", str(tmp_path / "calls.json")])
+    names = [r["method"] for r in rows]
+    assert names == ["stock", "specdiff 0.5 tapped", "specdiff 0.5 untapped", "specdiff 0.9 tapped", "specdiff 0.9 untapped"]
+    by = {r["method"]: r for r in rows}
+    assert by["stock"]["flops_ratio"] == 1.0
+    assert 1.3 < by["specdiff 0.5 tapped"]["flops_ratio"] < by["specdiff 0.9 tapped"]["flops_ratio"]
+    # untapped calls skip the attention taps: fewer FLOPs than tapped ones at the same ratio
+    assert by["specdiff 0.9 untapped"]["flops_ratio"] > by["specdiff 0.9 tapped"]["flops_ratio"]
+    assert all(r["calls"] == 2 for r in rows[1:]) and all(r["ms_wall"] > 0 for r in rows)
+    assert len(json.loads((tmp_path / "calls.json").read_text())["rows"]) == 5
     assert "efficiency" in capsys.readouterr().out
