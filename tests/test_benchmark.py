@@ -297,3 +297,38 @@ def test_per_call_engine_benchmark_runs_at_tiny_size(preset, tmp_path, capsys):
     assert all(r["calls"] == 2 for r in rows[1:]) and all(r["ms_wall"] > 0 for r in rows)
     assert len(json.loads((tmp_path / "calls.json").read_text())["rows"]) == 5
     assert "efficiency" in capsys.readouterr().out
+
+
+def _load_benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_runs_its_whole_code_path_tiny_on_the_cpu(tmp_path):
+    gpu_speed = _load_benchmark("gpu_speed")
+    rows = gpu_speed.main(["--tiny", "--rounds", "1", "--steps", "3", "--latents", "--methods", "stock", "full",
+                           "specdiff", "fora", "--out", str(tmp_path)])
+    assert [(r["model"], r["method"]) for r in rows] == [
+        (model, method) for model in ("sd3-medium (tiny)", "flux-dev (tiny)")
+        for method in ("stock", "full (engine)", "specdiff", "fora")]
+    assert all(r["seconds_median"] > 0 and r["rounds"] == 1 for r in rows)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 8
+    assert "speed-up vs stock" in (tmp_path / "results.md").read_text()
+
+
+def test_gpu_benchmark_builds_sd3_medium_shapes():
+    """The real-size pipeline (one block here): SD3-medium's width and heads, 333 text tokens of width 4096."""
+    gpu_speed = _load_benchmark("gpu_speed")
+    pipe, call = gpu_speed.real_size_pipeline("sd3-medium", 1, "cpu", torch.bfloat16)
+    config = pipe.transformer.config
+    assert config.num_attention_heads * config.attention_head_dim == 1536 and config.num_layers == 1
+    embeds, _, pooled, _ = pipe.encode_prompt("a fox", "a fox", "a fox", do_classifier_free_guidance=False,
+                                              max_sequence_length=call["max_sequence_length"])
+    assert tuple(embeds.shape) == (1, 333, 4096) and tuple(pooled.shape) == (1, 2048)
+    assert pipe.vae_scale_factor == 8 and call["height"] == 1024

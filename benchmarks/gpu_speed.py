@@ -1,0 +1,212 @@
+"""Whole generations through the stock pipelines at real model sizes (random weights): stock diffusers,
+full compute through the engine, SpecDiff's defaults, RAS 0.9, FORA, ToCa, TaylorSeer. For a GPU.
+
+    python benchmarks/gpu_speed.py --out benchmarks/results/gpu-h100          # SD3-medium and FLUX.1-dev
+    python benchmarks/gpu_speed.py --models sd3-medium --blocks 4             # fewer blocks (memory, time)
+    python benchmarks/gpu_speed.py --tiny                                     # the same code path on the CPU
+
+The transformers have the real configs (SD3-medium: 24 blocks, width 1536; FLUX.1-dev: 19 double + 38
+single blocks, width 3072), built directly on the device in bf16 with random weights; the text encoders
+are one-layer stand-ins with the real output widths and sequence lengths (333 text tokens for SD3, 512
+for FLUX), the VAE a small one with the real latent channels and 8x downsampling, so the pipeline's own
+code runs at 1024 x 1024 px, 28 steps. Methods run interleaved, one generation each per round, after a
+warm-up round; each generation timed with CUDA events; peak memory is torch.cuda.max_memory_allocated.
+A budget guard stops adding rounds once --budget-minutes is spent (at least one timed round). Prints one
+JSON line per method and a Markdown table; --out also writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ["stock", "full", "specdiff", "ras:cache_ratio=0.9", "fora", "toca", "taylorseer"]
+
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                  attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                  caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def _vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8,
+                         shift_factor=0.0, scaling_factor=1.0)
+
+
+def real_size_pipeline(model: str, blocks: int | None, device: str, dtype: torch.dtype):
+    """The stock pipeline with the real transformer config (random weights) and light stand-in encoders."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import CLIPTextModel
+
+    from specdiff.tiny_pipelines import _clip_text_encoder, _clip_tokenizer, _t5_encoder, _t5_tokenizer
+
+    torch.manual_seed(0)
+    vocab = len(_clip_tokenizer())
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # built where it runs: no CPU copy of billions of random weights
+            if model == "sd3-medium":
+                config = dict(SD3_MEDIUM, **({"num_layers": blocks} if blocks else {}))
+                pipe = StableDiffusion3Pipeline(
+                    transformer=SD3Transformer2DModel(**config), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                    vae=_vae(16), text_encoder=_clip_text_encoder(768, 768, vocab), tokenizer=_clip_tokenizer(),
+                    text_encoder_2=_clip_text_encoder(1280, 1280, vocab), tokenizer_2=_clip_tokenizer(),
+                    text_encoder_3=_t5_encoder(4096, len(_t5_tokenizer())), tokenizer_3=_t5_tokenizer())
+                call = dict(height=1024, width=1024, guidance_scale=7.0, max_sequence_length=256)
+            else:
+                config = dict(FLUX_DEV)
+                if blocks:
+                    config.update(num_layers=max(1, blocks // 3), num_single_layers=max(1, blocks - blocks // 3))
+                pipe = FluxPipeline(
+                    transformer=FluxTransformer2DModel(**config),
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                              max_shift=1.15, base_image_seq_len=256,
+                                                              max_image_seq_len=4096),
+                    vae=_vae(16), text_encoder=CLIPTextModel(_clip_text_encoder(768, 768, vocab).config),
+                    tokenizer=_clip_tokenizer(), text_encoder_2=_t5_encoder(4096, len(_t5_tokenizer())),
+                    tokenizer_2=_t5_tokenizer())
+                call = dict(height=1024, width=1024, guidance_scale=3.5, max_sequence_length=512)
+    finally:
+        torch.set_default_dtype(previous)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, call
+
+
+def tiny_pipeline(model: str):
+    from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline() if model == "sd3-medium" else tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(height=64, width=64)
+
+
+def _method(name: str):
+    from specdiff.evaluation.methods import MethodSpec, parse_method
+    from specdiff.policies.full import FullComputeConfig
+
+    if name == "stock":
+        return MethodSpec("stock", None)
+    if name == "full":
+        return MethodSpec("full (engine)", FullComputeConfig())
+    return parse_method(name)
+
+
+def run_model(model: str, args, deadline: float) -> list[dict]:
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.tiny:
+        pipe, call = tiny_pipeline(model)
+    else:
+        pipe, call = real_size_pipeline(model, args.blocks, args.device, torch.bfloat16)
+    call = dict(call, num_inference_steps=args.steps, output_type="latent" if args.latents else "pil")
+    methods = [_method(name) for name in args.methods]
+
+    def generate(spec) -> tuple[float, int]:
+        with spec.active(pipe):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            tic = time.perf_counter()
+            pipe("a red fox in the snow", generator=torch.Generator().manual_seed(0), **call)
+            if cuda:
+                end.record()
+                torch.cuda.synchronize()
+                return start.elapsed_time(end) / 1000, torch.cuda.max_memory_allocated(device)
+            return time.perf_counter() - tic, 0
+
+    times = {m.label: [] for m in methods}
+    peaks = {m.label: 0 for m in methods}
+    for m in methods:  # warm-up round: first-call costs of every method
+        generate(m)
+    rounds = 0
+    while rounds < args.rounds and (rounds == 0 or time.perf_counter() < deadline):
+        for m in methods:
+            seconds, peak = generate(m)
+            times[m.label].append(seconds)
+            peaks[m.label] = max(peaks[m.label], peak)
+        rounds += 1
+    stock = statistics.median(times["stock"])
+    transformer = pipe.transformer
+    blocks = sum(len(getattr(transformer, n, [])) for n in ("transformer_blocks", "single_transformer_blocks"))
+    rows = []
+    for m in methods:
+        rows.append({
+            "model": model + (" (tiny)" if args.tiny else ""), "blocks": blocks, "method": m.label,
+            "seconds_median": statistics.median(times[m.label]), "seconds": times[m.label],
+            "speedup_vs_stock": stock / statistics.median(times[m.label]),
+            "peak_memory_gib": peaks[m.label] / 2**30 if cuda else None,
+            "peak_vs_stock": peaks[m.label] / peaks["stock"] if cuda and peaks["stock"] else None,
+            "rounds": rounds, "steps": args.steps,
+        })
+    del pipe
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows, device_name: str) -> str:
+    lines = [f"{device_name}; medians of interleaved rounds (CUDA events on a GPU)", "",
+             "| model | blocks | method | s / image | speed-up vs stock | peak GiB | peak vs stock | rounds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
+        ratio = f"{r['peak_vs_stock']:.3f}" if r["peak_vs_stock"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['blocks']} | {r['method']} | {r['seconds_median']:.3f} | "
+                     f"{r['speedup_vs_stock']:.2f}x | {peak} | {ratio} | {r['rounds']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["sd3-medium", "flux-dev"], choices=["sd3-medium", "flux-dev"])
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--blocks", type=int, default=None, help="fewer blocks than the real model (memory, time)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds at most (the budget may stop earlier)")
+    p.add_argument("--budget-minutes", type=float, default=8.0, help="the whole run, both models")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--latents", action="store_true", help="stop before the VAE decode")
+    p.add_argument("--tiny", action="store_true", help="tiny pipelines on the CPU: the same code path, in seconds")
+    p.add_argument("--out", type=Path, default=None, help="folder for results.jsonl and results.md")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.device, args.steps = "cpu", min(args.steps, 6)
+    started = time.perf_counter()
+    rows = []
+    for i, model in enumerate(args.models):
+        # each model gets an equal share of what is left of the budget
+        share = (args.budget_minutes * 60 - (time.perf_counter() - started)) / (len(args.models) - i)
+        for row in run_model(model, args, time.perf_counter() + share):
+            print(json.dumps(row))
+            rows.append(row)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    text = table(rows, name + f", torch {torch.__version__}, {(time.perf_counter() - started) / 60:.1f} min")
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (args.out / "results.md").write_text(text + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
