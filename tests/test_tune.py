@@ -199,5 +199,7 @@ def test_auto_margin_is_one_standard_error_of_the_calibration_mean():
     values = np.array([28.0, 30.0, 32.0, 34.0])
     assert _margin(values, "auto") == pytest.approx(np.std(values, ddof=1) / 2)
     assert _margin(values, 0.5) == 0.5 and _margin(values[:1], "auto") == 0.0
+    # relative targets: the paired difference to full compute, here constant, so no margin
+    assert _margin(values, "auto", reference=values + 2.0) == pytest.approx(0.0)
     with pytest.raises(ConfigError, match="--margin"):
         tune(object(), PROMPTS, "psnr>=20", margin="wide")

@@ -117,15 +117,18 @@ class Evaluation:
     meets: bool = False
 
 
-def _margin(per_prompt: np.ndarray, margin: float | str) -> float:
+def _margin(per_prompt: np.ndarray, margin: float | str, reference: np.ndarray | None = None) -> float:
     """How far above the threshold a calibration mean must be: a number, or "auto" = one standard error
-    of the mean over the calibration prompts (a setting just at the target on a few prompts misses it
-    on others about half the time; one standard error makes that about one in six)."""
+    over the calibration prompts (a setting just at the target on a few prompts misses it on others
+    about half the time; one standard error makes that about one in six). For a target relative to full
+    compute (`reference`: full compute's per-prompt scores) the error of the paired difference, since
+    both are measured on the same prompts."""
     if margin != "auto":
         return float(margin)
     if len(per_prompt) < 2:
         return 0.0
-    return float(np.std(per_prompt, ddof=1) / math.sqrt(len(per_prompt)))
+    values = per_prompt if reference is None else per_prompt - reference
+    return float(np.std(values, ddof=1) / math.sqrt(len(values)))
 
 
 def _bootstrap(values: np.ndarray, statistic=np.mean, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -491,7 +494,8 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
     full = Setting(FEWER_STEPS, None, steps)
     runner.run(Setting(FEWER_STEPS, None, 2), calib_prompts[:1], 0, count_flops=False)  # warm-up
     reference, full_flops, full_seconds = runner.run(full, calib_prompts, 0)
-    full_score = float(np.mean(scorer(reference, reference, calib_prompts, calib_scenes)))
+    full_per_prompt = scorer(reference, reference, calib_prompts, calib_scenes)
+    full_score = float(np.mean(full_per_prompt))
     threshold = target.threshold(full_score)
     if target.metric not in _AGAINST_FULL and threshold > full_score:
         raise ConfigError(f"--target {target.text!r}: full compute itself scores {full_score:.2f} on the calibration "
@@ -530,7 +534,8 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
         per_prompt = scorer(images, reference, calib_prompts, calib_scenes)
         result = Evaluation(setting, per_prompt, flops, seconds, score=float(np.mean(per_prompt)),
                             speedup_flops=full_flops / max(flops, 1))
-        result.meets = result.score - _margin(per_prompt, margin) >= threshold
+        paired = full_per_prompt if target.relative else None
+        result.meets = result.score - _margin(per_prompt, margin, paired) >= threshold
         evaluations[setting.label] = result
         order.append(result)
         return result
@@ -675,7 +680,7 @@ def summary_markdown(result: TuneResult) -> str:
                  f"{m['calibration_prompts']} calibration prompts). Verification on {m['verification_prompts']} "
                  f"other prompts, each timed alone, interleaved with full compute; 95 % intervals by bootstrap "
                  f"over prompts. A setting meets the target when its calibration mean clears it by "
-                 f"{'one standard error' if m['margin'] == 'auto' else m['margin']}. "
+                 f"{('one standard error' + (' of its difference to full compute' if t.relative else '')) if m['margin'] == 'auto' else m['margin']}. "
                  f"Chosen by: {m['speed_used_to_choose']}.")
     lines.append("")
     if result.chosen is None:
