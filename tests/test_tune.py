@@ -203,3 +203,15 @@ def test_auto_margin_is_one_standard_error_of_the_calibration_mean():
     assert _margin(values, "auto", reference=values + 2.0) == pytest.approx(0.0)
     with pytest.raises(ConfigError, match="--margin"):
         tune(object(), PROMPTS, "psnr>=20", margin="wide")
+
+
+def test_relative_targets_are_rebased_on_full_computes_score_on_the_verification_prompts():
+    from specdiff.evaluation.benchmark import load_bench_pipeline
+
+    pipe, extra = load_bench_pipeline("embedded", "cpu")
+    result = tune(pipe, None, "alignment>=full-100", calibration=2, verify=2, steps=3, methods=["fora"],
+                  progress=False, pipeline_kwargs=extra)
+    chosen = result.chosen
+    assert chosen["verification_threshold"] == pytest.approx(chosen["verification_full_score"] - 100)
+    low, high = chosen["verification_difference_to_full_ci95"]
+    assert low <= chosen["verification_score"] - chosen["verification_full_score"] <= high and chosen["holds"]

@@ -304,7 +304,8 @@ class TuneResult:
             "met": self.chosen is not None,
             "calibration": {k: chosen.get(k) for k in ("calibration_score", "calibration_speedup_flops")} if self.chosen else None,
             "verification": {k: chosen.get(k) for k in (
-                "verification_score", "verification_score_ci95", "holds", "misses_by", "speedup_wallclock_median",
+                "verification_score", "verification_score_ci95", "verification_threshold", "verification_full_score",
+                "verification_difference_to_full_ci95", "holds", "misses_by", "speedup_wallclock_median",
                 "speedup_wallclock_ci95", "speedup_flops")} if self.chosen else None,
             **self.meta,
             "comparison": self.comparison, "tried": self.tried,
@@ -590,7 +591,8 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
                 finalists.append((entry, "default"))
             else:
                 finalists = [(f, "tuned (= default)" if f is entry else role) for f, role in finalists]
-    comparison = _verify(runner, scorer, full, finalists, verify_prompts, verify_scenes, calibration, threshold, bar=progress)
+    comparison = _verify(runner, scorer, full, finalists, verify_prompts, verify_scenes, calibration, threshold, target,
+                         bar=progress)
     passing_rows = [r for r in comparison if r["calibration_meets"] and r["role"].startswith("tuned")]
     key = "calibration_speedup_flops" if rank == "flops" else "speedup_wallclock_median"
     chosen = max(passing_rows, key=lambda r: r[key], default=None)
@@ -627,7 +629,7 @@ def _default_setting(name: str, steps: int) -> Setting | None:
 
 
 def _verify(runner: _Runner, scorer: _Scorer, full: Setting, finalists, prompts, scenes, first_index: int,
-            threshold: float, bar: bool = True) -> list[dict]:
+            threshold: float, target: Target, bar: bool = True) -> list[dict]:
     """Every finalist and full compute, one prompt at a time, interleaved: metric and wall-clock per prompt."""
     verified = [(e, role) for e, role in finalists if e.meets]  # a default that missed is listed, not re-run
     settings = [full] + [e.setting for e, _ in verified]
@@ -640,6 +642,9 @@ def _verify(runner: _Runner, scorer: _Scorer, full: Setting, finalists, prompts,
             images[setting.label].append(image)
             times[setting.label].append(seconds)
     reference = torch.cat(images[full.label])
+    full_per_prompt = scorer(reference, reference, prompts, scenes)
+    if target.relative:  # "full-X" means full compute's score on these prompts, minus X
+        threshold = target.threshold(float(np.mean(full_per_prompt)))
     rows = []
     for evaluation, role in finalists:
         label = evaluation.setting.label
@@ -661,6 +666,10 @@ def _verify(runner: _Runner, scorer: _Scorer, full: Setting, finalists, prompts,
             "calibration_score": evaluation.score, "calibration_meets": evaluation.meets,
             "calibration_speedup_flops": evaluation.speedup_flops,
             "verification_score": score, "verification_score_ci95": list(_bootstrap(per_prompt)),
+            "verification_threshold": threshold,
+            "verification_full_score": float(np.mean(full_per_prompt)),
+            # paired with full compute on the same prompts: much tighter than the score's own interval
+            "verification_difference_to_full_ci95": list(_bootstrap(per_prompt - full_per_prompt)),
             "holds": score >= threshold, "misses_by": max(0.0, threshold - score),
             "speedup_flops": evaluation.speedup_flops,  # counted on the calibration prompts
             "speedup_wallclock_median": float(np.median(ratios)),
@@ -696,9 +705,13 @@ def summary_markdown(result: TuneResult) -> str:
     else:
         c = result.chosen
         verdict = "holds" if c["holds"] else f"misses by {c['misses_by']:.3f}"
+        against = (f" against full compute's {c['verification_full_score']:.3f} there (threshold "
+                   f"{c['verification_threshold']:.3f}; difference to full, 95 % CI "
+                   f"{c['verification_difference_to_full_ci95'][0]:+.3f} to {c['verification_difference_to_full_ci95'][1]:+.3f})"
+                   if t.relative else "")
         lines.append(f"**Chosen: `{c['label']}`** — on the verification prompts {t.metric} "
                      f"{c['verification_score']:.3f} (95 % CI {c['verification_score_ci95'][0]:.3f}-"
-                     f"{c['verification_score_ci95'][1]:.3f}; the target {verdict}), "
+                     f"{c['verification_score_ci95'][1]:.3f}){against}; the target {verdict}; "
                      f"{c['speedup_wallclock_median']:.2f}x wall-clock (95 % CI {c['speedup_wallclock_ci95'][0]:.2f}-"
                      f"{c['speedup_wallclock_ci95'][1]:.2f}), {c['speedup_flops']:.2f}x in FLOPs.")
         lines.append("")
