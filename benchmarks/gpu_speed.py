@@ -156,7 +156,7 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
             "peak_vs_stock": peaks[m.label] / peaks["stock"] if cuda and peaks["stock"] else None,
             "rounds": rounds, "steps": args.steps,
         })
-    del pipe
+    pipe = None  # free the model before the next one is built
     if cuda:
         torch.cuda.empty_cache()
     return rows
