@@ -167,7 +167,8 @@ def test_specdiff_importance_is_validated():
 def test_history_observes_change_only_where_tokens_ran():
     from specdiff.engine.history import TokenHistory
 
-    history = TokenHistory()
+    assert TokenHistory().track_change is False  # tracked only for policies that read it
+    history = TokenHistory(track_change=True)
     history.record(torch.zeros(1, 4, 2), None, 1000.0)
     history.record(torch.ones(1, 4, 2), None, 900.0)  # every token moved by sqrt(2) over 100
     assert torch.allclose(history.observed_change, torch.full((1, 4), 2 ** 0.5 / 100))

@@ -26,7 +26,8 @@ def approximation_weights(past_timesteps: list[float], current: float) -> list[f
 class TokenHistory:
     """The last outputs of every image token (B, N, P) and how long each token was cached."""
 
-    def __init__(self) -> None:
+    def __init__(self, track_change: bool = False) -> None:
+        self.track_change = track_change  # observed_change costs a pass over the outputs: only when read
         self.outputs: list[torch.Tensor] = []  # most recent first
         self.timesteps: list[float] = []
         self.cached_count: torch.Tensor | None = None  # (B, N) consecutive steps not computed
@@ -62,7 +63,7 @@ class TokenHistory:
         return filled.scatter(1, index, computed)
 
     def record(self, output: torch.Tensor, active: torch.Tensor | None, timestep: float) -> None:
-        if self.outputs and self.outputs[0].shape == output.shape:
+        if self.track_change and self.outputs and self.outputs[0].shape == output.shape:
             gap = max(abs(timestep - self.timesteps[0]), 1e-6)
             change = (output - self.outputs[0]).float().norm(dim=-1) / gap
             if active is None or self.observed_change is None:

@@ -185,6 +185,7 @@ class Policy:
 
     block_level = False  # True: run_block decides per transformer block
     reads_kv_cache = False  # True: its sparse steps attend to cached keys / values of all image tokens
+    reads_observed_change = False  # True: its plans read StepSignals.observed_change (tracked only then)
 
     def new_block_state(self):
         """Block-level policies: a fresh per-branch state (their own dataclass), made at a branch's first step."""

@@ -273,7 +273,7 @@ class Runtime:
             self._branch = 0
         self._last_timestep = timestep
         while len(self._branches) <= self._branch:
-            state = BranchState()
+            state = BranchState(history=TokenHistory(track_change=self.policy.reads_observed_change))
             for slots in self.kv_slots:  # each layer's processor holds its own list of slots
                 while len(slots) <= len(self._branches):
                     slots.append(LayerKV())

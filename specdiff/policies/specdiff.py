@@ -106,6 +106,10 @@ class SpecDiffPolicy(Policy):
     reads_kv_cache = True
 
     @property
+    def reads_observed_change(self) -> bool:
+        return self.config.importance in ("change", "change-fut")
+
+    @property
     def speculative_steps(self) -> int:
         # "his" and "change" read no speculative map: no speculative pass to pay for
         return self.config.speculative_steps if "fut" in self.config.importance else 0
