@@ -106,8 +106,9 @@ def _config_from_args(args):
     from specdiff.evaluation.tune import config_from_record, read_tuned
 
     given = [f"--{name.replace('_', '-')}" for name in _config_fields() if getattr(args, name, None) is not None]
-    if args.method is not None or given or args.settings:
-        raise CLIError(f"--config {args.config} holds the whole method; drop {', '.join(given + (['--method'] if args.method else []) + (['--set'] if args.settings else []))}")
+    given += ["--method"] * (args.method is not None) + ["--set"] * bool(args.settings)
+    if given:
+        raise CLIError(f"--config {args.config} holds the whole method; drop {', '.join(given)}")
     try:
         record = read_tuned(args.config)
         config = config_from_record(record, args.config)
@@ -395,16 +396,13 @@ def cmd_tune(args) -> int:
         raise CLIError(f"--prompts is needed for --model {args.model}: a text file with one prompt per line "
                        f"({need} = --calibration {args.calibration} + --verify {args.verify})")
     if args.prompts is not None:
+        from specdiff.evaluation.benchmark import read_prompt_file
+
         try:
-            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
-        except OSError as error:
-            raise CLIError(f"--prompts {args.prompts!r}: cannot read it ({error.strerror})") from None
-        except UnicodeDecodeError:
-            raise CLIError(f"--prompts {args.prompts!r} is not UTF-8 text (one prompt per line)") from None
-        prompts = [line.strip() for line in lines if line.strip()]
-        if len(prompts) < need:
-            raise CLIError(f"--prompts {args.prompts!r} has {len(prompts)} prompts; --calibration {args.calibration} "
-                           f"+ --verify {args.verify} need {need} (they never overlap)")
+            prompts = read_prompt_file(args.prompts, need, f"--calibration {args.calibration} + --verify "
+                                                           f"{args.verify} (they never overlap) need")
+        except ConfigError as error:
+            raise CLIError(str(error)) from None
     out = check_output_folder(args.out)
     args.device = check_device(args.device)
     if args.threads is not None:

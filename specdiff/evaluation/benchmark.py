@@ -81,7 +81,7 @@ def load_bench_pipeline(model: str, device: str):
     return pipe, {}
 
 
-def read_prompt_file(path: str, count: int) -> list[str]:
+def read_prompt_file(path: str, count: int, needed_for: str = "--num-prompts asks for") -> list[str]:
     """The first `count` non-empty lines of a text file (one prompt per line)."""
     try:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
@@ -91,7 +91,7 @@ def read_prompt_file(path: str, count: int) -> list[str]:
         raise ConfigError(f"--prompts {path!r} is not UTF-8 text (one prompt per line)") from None
     prompts = [line for line in lines if line]
     if len(prompts) < count:
-        raise ConfigError(f"--prompts {path!r} has {len(prompts)} prompts; --num-prompts asks for {count}")
+        raise ConfigError(f"--prompts {path!r} has {len(prompts)} prompts; {needed_for} {count}")
     return prompts[:count]
 
 
@@ -119,7 +119,7 @@ def bench_prompts(pipe, split: str, count: int, prompt_file: str | None = None):
     return [base[i % len(base)] + ("" if i < len(base) else f", view {i}") for i in range(count)], None
 
 
-def _generate(pipe, prompts, seeds, steps, extra, device):
+def generate_images(pipe, prompts, seeds, steps, extra, device):
     """One generation per prompt, each with its own seeded generator (so sharding cannot change it)."""
     generator = [torch.Generator().manual_seed(s) for s in seeds]
     if device.type == "cuda":
@@ -153,7 +153,7 @@ def run_shard(pipe, methods, prompts, indices, seed, steps, batch_size, extra, d
         for spec in methods:
             with spec.active(pipe) as get_summary:
                 with PeakMemory(device) as memory:
-                    images, seconds = _generate(pipe, texts, [seed + i for i in batch], spec.steps or steps, extra, device)
+                    images, seconds = generate_images(pipe, texts, [seed + i for i in batch], spec.steps or steps, extra, device)
                 summary = get_summary() if get_summary is not None else None
             records.append({
                 "method": spec.label, "prompt_indices": list(batch), "seconds": seconds,
@@ -333,7 +333,7 @@ def run_benchmark(args, check_size=None) -> list[dict]:
     shard = list(range(rank, len(prompts), world))  # every prompt exactly once over the ranks
     say(f"bench: warm-up, then {len(prompts)} prompts x {len(methods)} methods, interleaved per batch")
     with library_messages() as messages:
-        _generate(pipe, prompts[:1], [args.seed], 2, extra, device)  # warm-up
+        generate_images(pipe, prompts[:1], [args.seed], 2, extra, device)  # warm-up
         records = run_shard(pipe, methods, prompts, shard, args.seed, args.steps, args.batch_size, extra, device,
                             show_progress=rank == 0)
     if distributed:

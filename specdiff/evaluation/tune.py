@@ -380,23 +380,21 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 class _Runner:
-    """Generates one prompt set with a setting; the FLOPs of the transformer counted on the way."""
+    """Generates prompts with a setting (the benchmark's `generate_images`: one seeded generator per
+    prompt, synchronised timing); prompt i of a run uses seed + i."""
 
     def __init__(self, pipe, extra: dict, seed: int, batch_size: int) -> None:
         self.pipe, self.extra, self.seed, self.batch_size = pipe, extra, seed, batch_size
-        self.device = getattr(pipe, "device", torch.device("cpu"))
+        self.device = torch.device(getattr(pipe, "device", "cpu"))
 
-    def _call(self, prompts, first_index, steps):
-        generator = [torch.Generator().manual_seed(self.seed + first_index + k) for k in range(len(prompts))]
-        return self.pipe(prompt=prompts, num_inference_steps=steps, generator=generator, output_type="pt",
-                         **self.extra).images.float().cpu()
+    def _images(self, prompts, first_index, steps):
+        from specdiff.evaluation.benchmark import generate_images
 
-    def _sync(self):
-        if torch.device(self.device).type == "cuda":
-            torch.cuda.synchronize()
+        seeds = [self.seed + first_index + k for k in range(len(prompts))]
+        return generate_images(self.pipe, prompts, seeds, steps, self.extra, self.device)
 
     def run(self, setting: Setting, prompts: list[str], first_index: int, count_flops: bool = True):
-        """(images, FLOPs, seconds) for every prompt, in batches."""
+        """(images, FLOPs, seconds) for every prompt, in batches; FLOPs counted on the way."""
         from specdiff.evaluation.flops import count_module_flops
         from specdiff.evaluation.methods import MethodSpec
 
@@ -405,27 +403,21 @@ class _Runner:
         tic = time.perf_counter()
         with spec.active(self.pipe):
             for start in range(0, len(prompts), self.batch_size):
-                chunk = prompts[start : start + self.batch_size]
+                chunk, out = prompts[start : start + self.batch_size], []
+                generate = lambda: out.append(self._images(chunk, first_index + start, setting.steps)[0])  # noqa: E731
                 if count_flops:
-                    out = []
-                    flops += count_module_flops(lambda: out.append(self._call(chunk, first_index + start, setting.steps)),
-                                                self.pipe.transformer)
-                    images.append(out[0])
+                    flops += count_module_flops(generate, self.pipe.transformer)
                 else:
-                    images.append(self._call(chunk, first_index + start, setting.steps))
+                    generate()
+                images.append(out[0])
         return torch.cat(images), flops, time.perf_counter() - tic
 
     def timed(self, setting: Setting, prompt: str, index: int):
         """(image, seconds) of one prompt, timed alone."""
         from specdiff.evaluation.methods import MethodSpec
 
-        spec = MethodSpec(setting.label, setting.config, steps=setting.steps)
-        with spec.active(self.pipe):
-            self._sync()
-            tic = time.perf_counter()
-            image = self._call([prompt], index, setting.steps)
-            self._sync()
-            return image, time.perf_counter() - tic
+        with MethodSpec(setting.label, setting.config, steps=setting.steps).active(self.pipe):
+            return self._images([prompt], index, setting.steps)
 
 
 def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=30", *, calibration: int = 8,
