@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from specdiff.evaluation.flops import count_module_flops
+
 METHODS = ["stock", "full", "specdiff", "ras:cache_ratio=0.9", "fora", "toca", "taylorseer"]
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -117,8 +119,12 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
     call = dict(call, num_inference_steps=args.steps, output_type="latent" if args.latents else "pil")
     methods = [_method(name) for name in args.methods]
 
-    def generate(spec) -> tuple[float, int]:
+    def generate(spec, count_flops: bool = False) -> tuple[float, int]:
         with spec.active(pipe):
+            if count_flops:  # the warm-up generation, run under the FLOP counter (it runs the same kernels)
+                return count_module_flops(lambda: pipe("a red fox in the snow",
+                                                       generator=torch.Generator().manual_seed(0), **call),
+                                          pipe.transformer)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -134,8 +140,7 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
 
     times = {m.label: [] for m in methods}
     peaks = {m.label: 0 for m in methods}
-    for m in methods:  # warm-up round: first-call costs of every method
-        generate(m)
+    flops = {m.label: generate(m, count_flops=True) for m in methods}  # warm-up round: first-call costs
     rounds = 0
     while rounds < args.rounds and (rounds == 0 or time.perf_counter() < deadline):
         for m in methods:
@@ -152,6 +157,8 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
             "model": model + (" (tiny)" if args.tiny else ""), "blocks": blocks, "method": m.label,
             "seconds_median": statistics.median(times[m.label]), "seconds": times[m.label],
             "speedup_vs_stock": stock / statistics.median(times[m.label]),
+            "transformer_flops": flops[m.label],
+            "flops_ratio_vs_stock": flops["stock"] / flops[m.label] if flops[m.label] else None,
             "peak_memory_gib": peaks[m.label] / 2**30 if cuda else None,
             "peak_vs_stock": peaks[m.label] / peaks["stock"] if cuda and peaks["stock"] else None,
             "rounds": rounds, "steps": args.steps,
@@ -164,13 +171,16 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
 
 def table(rows, device_name: str) -> str:
     lines = [f"{device_name}; medians of interleaved rounds (CUDA events on a GPU)", "",
-             "| model | blocks | method | s / image | speed-up vs stock | peak GiB | peak vs stock | rounds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | blocks | method | s / image | speed-up vs stock | FLOPs ratio | speed-up / FLOPs ratio "
+             "| peak GiB | peak vs stock | rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
         ratio = f"{r['peak_vs_stock']:.3f}" if r["peak_vs_stock"] is not None else "-"
+        fr = r["flops_ratio_vs_stock"]
+        flops = f"{fr:.2f}x | {r['speedup_vs_stock'] / fr:.0%}" if fr else "- | -"
         lines.append(f"| {r['model']} | {r['blocks']} | {r['method']} | {r['seconds_median']:.3f} | "
-                     f"{r['speedup_vs_stock']:.2f}x | {peak} | {ratio} | {r['rounds']} |")
+                     f"{r['speedup_vs_stock']:.2f}x | {flops} | {peak} | {ratio} | {r['rounds']} |")
     return "\n".join(lines)
 
 
