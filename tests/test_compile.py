@@ -63,3 +63,21 @@ def test_block_level_method_compiles_its_blocks_and_matches_eager(sd3):
     assert graphs
     assert any(r.blocks_computed == 0 for r in summary.records if r.phase == "real")  # cached steps happened
     torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_block_level_policy_decision_is_not_traced_so_blocks_share_their_graphs():
+    """More blocks than dynamo's recompile limit: the per-step decision (which blocks run) stays eager and
+    every block runs one shared compiled forward, instead of recompiling per block and falling back."""
+    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+
+    torch._dynamo.reset()
+    pipe = tiny_sd3_pipeline(layers=18)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        plain, compiled, _, graphs, summary = _compiled_run(pipe, specdiff.FORAConfig(interval=2))
+    finally:
+        torch._dynamo.reset()
+    assert any(r.blocks_computed == 0 for r in summary.records if r.phase == "real")
+    # one graph per block variant (the last block has no text output), not one per block and step
+    assert 1 <= len(graphs) <= 3, len(graphs)
+    torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-5)

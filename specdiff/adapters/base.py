@@ -22,6 +22,7 @@ pipelines lay out classifier-free guidance, and its processor.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -30,6 +31,7 @@ from specdiff.engine.runtime import Runtime
 from specdiff.engine.tokens import gather_tokens
 
 _BLOCK_HOOK = "specdiff_block"
+COMPILE_OPTIONS_ATTR = "_specdiff_compile_options"  # set on the transformer by specdiff.compile_blocks
 
 
 def timestep_value(timestep: torch.Tensor | float) -> float:
@@ -115,15 +117,18 @@ class _BlockHook:
     def post_forward(self, module, output):
         return output
 
-    # Not traced when the block is compiled (regional compilation): which blocks run is Python control
-    # flow that changes every step and would recompile the block each time; the block's own forward,
-    # called from here, is still compiled as a whole.
-    @torch.compiler.disable(recursive=False)
+    # Never traced, nor anything it calls: which blocks run is Python control flow over per-step state,
+    # and traced it would recompile until dynamo's limit and then fall back to eager for every block.
+    # Under regional compilation the block's own forward runs compiled (Adapter.compiled_block_forward).
+    @torch.compiler.disable
     def new_forward(self, module, *args, **kwargs):
         runtime = self.adapter.runtime
         arguments = self.signature.bind(*args, **kwargs).arguments
         tokens, text = arguments.pop("hidden_states"), arguments.pop("encoder_hidden_states")
         original = self.fn_ref.original_forward
+        compiled = self.adapter.compiled_block_forward(module, original)
+        if compiled is not None:
+            original = functools.partial(compiled, module)
         context = runtime.context
 
         def block(x, c, active=None):  # `active`: ToCa runs a subset of a dense step's tokens
@@ -159,7 +164,23 @@ class Adapter:
         self._handles = []
         self._hooked_blocks = []
         self._signature = inspect.signature(type(model).forward)
+        self._compiled_forwards: dict = {}  # (block class, compile options) -> compiled forward
         self.schedule: ScheduleReader | None = None  # set by enable when a pipeline (and its scheduler) drives the model
+
+    def compiled_block_forward(self, block, original):
+        """The block class's forward compiled once for all its blocks, when the blocks are compiled
+        (regional compilation) and `original` is that plain forward (no other hook between), else None.
+        One compiled function per class: every block shares its graphs."""
+        if getattr(block, "_compiled_call_impl", None) is None:
+            return None
+        forward = type(block).forward
+        if getattr(original, "__func__", None) is not forward:
+            return None
+        options = getattr(self.model, COMPILE_OPTIONS_ATTR, {})
+        key = (type(block), id(options))
+        if key not in self._compiled_forwards:
+            self._compiled_forwards[key] = torch.compile(forward, **options)
+        return self._compiled_forwards[key]
 
     def make_processor(self, kv_slots, layer_index: int):
         """The family's attention processor for one layer; kv_slots: that layer's LayerKV per branch."""
