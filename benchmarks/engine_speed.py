@@ -105,6 +105,7 @@ class CallTimer:
         blocks[0].register_forward_pre_hook(lambda *a: self._mark("blocks_start"))
         blocks[-1].register_forward_hook(lambda *a: self._mark("blocks_end"))
 
+    @torch.compiler.disable  # the hooks run inside compiled blocks: a mark is never traced
     def _mark(self, name):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)

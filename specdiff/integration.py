@@ -143,9 +143,10 @@ def compile_blocks(obj, *, recompile_limit: int = 16, **compile_options) -> int:
     transformer, _ = _transformer_of(obj)
     adapter_type = _adapter_for(transformer)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
-    from specdiff.adapters.base import COMPILE_OPTIONS_ATTR
+    from specdiff.adapters.base import BLOCK_COMPILATION_ATTR, BlockCompilation
 
-    setattr(transformer, COMPILE_OPTIONS_ATTR, dict(compile_options))  # block-level policies compile with these
+    # block-level policies call each block's forward themselves, compiled with the same options
+    setattr(transformer, BLOCK_COMPILATION_ATTR, BlockCompilation(dict(compile_options)))
     if getattr(transformer, "_repeated_blocks", None):
         before = sum(getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules())
         transformer.compile_repeated_blocks(**compile_options)

@@ -75,9 +75,14 @@ def test_block_level_policy_decision_is_not_traced_so_blocks_share_their_graphs(
     pipe.set_progress_bar_config(disable=True)
     try:
         plain, compiled, _, graphs, summary = _compiled_run(pipe, specdiff.FORAConfig(interval=2))
+        compiled_graphs = len(graphs)
+        with specdiff.accelerated(pipe, specdiff.FORAConfig(interval=2)):  # a later enable reuses them
+            again = _generate(pipe)
     finally:
         torch._dynamo.reset()
     assert any(r.blocks_computed == 0 for r in summary.records if r.phase == "real")
     # one graph per block variant (the last block has no text output), not one per block and step
-    assert 1 <= len(graphs) <= 3, len(graphs)
+    assert 1 <= compiled_graphs <= 3, compiled_graphs
+    assert len(graphs) == compiled_graphs, "a second enable compiled the blocks again"
+    torch.testing.assert_close(again, compiled, rtol=0, atol=0)
     torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-5)

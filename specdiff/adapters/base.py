@@ -22,6 +22,7 @@ pipelines lay out classifier-free guidance, and its processor.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 
@@ -31,7 +32,16 @@ from specdiff.engine.runtime import Runtime
 from specdiff.engine.tokens import gather_tokens
 
 _BLOCK_HOOK = "specdiff_block"
-COMPILE_OPTIONS_ATTR = "_specdiff_compile_options"  # set on the transformer by specdiff.compile_blocks
+BLOCK_COMPILATION_ATTR = "_specdiff_block_compilation"  # on the transformer, set by specdiff.compile_blocks
+
+
+@dataclasses.dataclass
+class BlockCompilation:
+    """How a transformer's blocks were compiled, for block-level policies that call a block's forward
+    themselves: the torch.compile options, and per block class its compiled forward."""
+
+    options: dict
+    forwards: dict = dataclasses.field(default_factory=dict)
 
 
 def timestep_value(timestep: torch.Tensor | float) -> float:
@@ -164,23 +174,25 @@ class Adapter:
         self._handles = []
         self._hooked_blocks = []
         self._signature = inspect.signature(type(model).forward)
-        self._compiled_forwards: dict = {}  # (block class, compile options) -> compiled forward
         self.schedule: ScheduleReader | None = None  # set by enable when a pipeline (and its scheduler) drives the model
 
     def compiled_block_forward(self, block, original):
         """The block class's forward compiled once for all its blocks, when the blocks are compiled
         (regional compilation) and `original` is that plain forward (no other hook between), else None.
-        One compiled function per class: every block shares its graphs."""
+        Kept on the transformer with the compile options, so every block, and every later enable,
+        reuses its graphs."""
         if getattr(block, "_compiled_call_impl", None) is None:
             return None
         forward = type(block).forward
         if getattr(original, "__func__", None) is not forward:
             return None
-        options = getattr(self.model, COMPILE_OPTIONS_ATTR, {})
-        key = (type(block), id(options))
-        if key not in self._compiled_forwards:
-            self._compiled_forwards[key] = torch.compile(forward, **options)
-        return self._compiled_forwards[key]
+        compilation = getattr(self.model, BLOCK_COMPILATION_ATTR, None)
+        if compilation is None:  # blocks compiled without specdiff.compile_blocks: default options
+            compilation = BlockCompilation({})
+            setattr(self.model, BLOCK_COMPILATION_ATTR, compilation)
+        if type(block) not in compilation.forwards:
+            compilation.forwards[type(block)] = torch.compile(forward, **compilation.options)
+        return compilation.forwards[type(block)]
 
     def make_processor(self, kv_slots, layer_index: int):
         """The family's attention processor for one layer; kv_slots: that layer's LayerKV per branch."""
