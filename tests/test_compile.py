@@ -86,3 +86,15 @@ def test_block_level_policy_decision_is_not_traced_so_blocks_share_their_graphs(
     assert len(graphs) == compiled_graphs, "a second enable compiled the blocks again"
     torch.testing.assert_close(again, compiled, rtol=0, atol=0)
     torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_context_fields_are_instance_values_not_class_attributes():
+    """dynamo before torch 2.13 reads a threading.local's class attributes instead of its values: with
+    dataclass defaults, compiled blocks saw `enabled=False` and ran sparse steps without the key/value
+    cache (silently wrong images on torch 2.11). Every field must live on the instance only."""
+    from specdiff.engine.attention import AttentionContext
+
+    fields = vars(AttentionContext())
+    assert fields, "no per-instance fields"
+    shadowed = sorted(name for name in fields if name in vars(AttentionContext))
+    assert not shadowed, f"class attributes shadow thread-local fields: {shadowed}"

@@ -19,27 +19,30 @@ import torch
 
 TAP_CHUNK_ELEMENTS = 2**25  # fp32 attention weights per tap chunk: 128 MiB
 
-@dataclasses.dataclass
 class AttentionContext(threading.local):
     """The state a step shares with the processors of one transformer.
 
     `active` is None on a dense step (every image token runs), else (B, n)
     indices of the image tokens that run.
     Thread-local: a call of the same transformer from another thread (e.g. a
-    plain pipeline sharing it) sees its own, disabled context.
+    plain pipeline sharing it) sees its own, disabled context. The fields are set
+    per instance, never as class attributes: dynamo before torch 2.13 reads a
+    thread-local's class attributes instead of its values, and compiled blocks
+    would silently run as if disabled.
     """
 
-    enabled: bool = False
-    real_phase: bool = False  # this call belongs to the real pass (not the speculative one)
-    active: torch.Tensor | None = None
-    kv_branch: int = -1  # which of each layer's LayerKV slots this call uses; -1: no key/value cache
-    tap_queries: int = 0  # 0 = no taps this step
-    tap_include_text: bool = False
-    tap_sum: torch.Tensor | None = None  # (B, N) fp32 attention received, summed over layers; None: no taps
-    tap_seconds: float = 0.0  # host time spent in taps this step (counted as scoring)
-    timestep: float = 0.0  # of the transformer call in progress
-    text_length: int = 0  # text tokens of the call in progress
-    memo: tuple | None = None  # (key, value): a family's per-step derived tensor (e.g. FLUX's RoPE rows)
+    def __init__(self) -> None:
+        self.enabled: bool = False
+        self.real_phase: bool = False  # this call belongs to the real pass (not the speculative one)
+        self.active: torch.Tensor | None = None
+        self.kv_branch: int = -1  # which of each layer's LayerKV slots this call uses; -1: no key/value cache
+        self.tap_queries: int = 0  # 0 = no taps this step
+        self.tap_include_text: bool = False
+        self.tap_sum: torch.Tensor | None = None  # (B, N) fp32 attention received, summed over layers; None: no taps
+        self.tap_seconds: float = 0.0  # host time spent in taps this step (counted as scoring)
+        self.timestep: float = 0.0  # of the transformer call in progress
+        self.text_length: int = 0  # text tokens of the call in progress
+        self.memo: tuple | None = None  # (key, value): a family's per-step derived tensor (e.g. FLUX's RoPE rows)
 
 
 @dataclasses.dataclass
