@@ -22,6 +22,7 @@ measures the engine's speed, not image quality.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -169,11 +170,15 @@ def measure_calls(args) -> list[dict]:
     def config(ratio, tapped):
         # speculation off (it is dense calls at other timesteps); "change" needs no attention taps
         return specdiff.SpecDiffConfig(cache_ratio=ratio, speculative_steps=0, warmup_steps=1, reset_steps=(),
-                                       importance="his-fut" if tapped else "change")
+                                       **({} if tapped else {"importance": "change"}))
 
+    # an older specdiff (benchmarks/before_after.py) has no untapped score: its rows are left out
+    untapped = "importance" in {f.name for f in dataclasses.fields(specdiff.SpecDiffConfig)}
     methods = [("stock", None)]
     for ratio in args.ratios:
-        methods += [(f"specdiff {ratio:g} tapped", config(ratio, True)), (f"specdiff {ratio:g} untapped", config(ratio, False))]
+        methods.append((f"specdiff {ratio:g} tapped", config(ratio, True)))
+        if untapped:
+            methods.append((f"specdiff {ratio:g} untapped", config(ratio, False)))
     measured = {name: {"dense": [], "sparse": []} for name, _ in methods}
     with torch.inference_mode():
         for _ in range(2):
@@ -217,6 +222,52 @@ def measure_calls(args) -> list[dict]:
     return rows
 
 
+def measure_parts(args, sparse_call_seconds: float, ratio: float) -> list[dict]:
+    """The engine's per-layer extras of a sparse call, each timed alone at the preset's shapes and scaled
+    to the call's layers: the attention taps and the key/value write (active image rows and text rows
+    into the layer's joint buffer). Medians of 20 runs; shares of the sparse call's median time."""
+    try:
+        from specdiff.engine.attention import AttentionContext, LayerKV, joint_kv, tap_attention
+    except ImportError:  # an older specdiff (benchmarks/before_after.py): its parts differ
+        return []
+    p = PRESETS[args.preset]
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    batch, heads, dim, n_image, n_text = p["batch"], p["width_heads"], p["head_dim"], p["image_side"] ** 2, p["text_tokens"]
+    active_count = max(1, round(n_image * (1 - ratio)))
+    generator = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=generator).to(device, dtype)  # noqa: E731
+    active = torch.stack([torch.randperm(n_image, generator=generator)[:active_count] for _ in range(batch)]).to(device)
+    ctx = AttentionContext()
+    ctx.enabled, ctx.kv_branch, ctx.active, ctx.tap_queries = True, 0, active, 64
+    slot = LayerKV(rand(batch, heads, n_image + n_text, dim), rand(batch, heads, n_image + n_text, dim))
+    image_kv = (rand(batch, heads, active_count, dim), rand(batch, heads, active_count, dim))
+    text_kv = (rand(batch, heads, n_text, dim), rand(batch, heads, n_text, dim))
+    queries, offset = rand(batch, heads, active_count, dim), torch.tensor(7919)
+    ctx.tap_sum = torch.zeros(batch, n_image, device=device)
+    parts = {
+        "key/value write": lambda: joint_kv(ctx, [slot], *image_kv, *text_kv, text_first=False),
+        "attention taps": lambda: tap_attention(ctx, offset, queries, None, slot.keys, slice(0, n_image)),
+    }
+    layers = args.blocks  # one attention layer per block in both presets' families
+    rows = []
+    with torch.inference_mode():
+        for name, fn in parts.items():
+            fn()
+            times = []
+            for _ in range(20):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                tic = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - tic)
+            per_layer = statistics.median(times)
+            rows.append({"part": name, "ms_per_layer": 1000 * per_layer, "layers": layers,
+                         "share_of_sparse_call": per_layer * layers / sparse_call_seconds})
+    return rows
+
+
 def calls_table(rows, args) -> str:
     p = PRESETS[args.preset]
     device = (torch.cuda.get_device_name(torch.device(args.device)) if torch.device(args.device).type == "cuda"
@@ -250,8 +301,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="--preset")
     p.add_argument("--compile", action="store_true", help="--preset: regional torch.compile of the blocks first")
+    p.add_argument("--parts", action="store_true",
+                   help="--preset: also time the taps and the key/value write alone, as shares of a sparse call")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None, help="--preset: also write the rows as JSON")
+    p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -268,9 +321,18 @@ def main(argv=None) -> None:
         args.ratios = args.ratios if args.ratios != [0.5, 0.8, 0.9, 0.95] else [0.5, 0.9]
         rows = measure_calls(args)
         print(calls_table(rows, args))
+        parts = []
+        sparse = [r for r in rows if r["method"] == f"specdiff {max(args.ratios):g} tapped"]
+        if args.parts and sparse:
+            parts = measure_parts(args, sparse[0]["ms_wall"] / 1000, max(args.ratios))
+            print(f"\nthe engine's extras of a sparse call at cache ratio {max(args.ratios):g}, each timed alone "
+                  f"(median of 20, x {args.blocks} layers):\n\n| part | ms / layer | share of the tapped sparse call |\n|---|---|---|")
+            for r in parts:
+                print(f"| {r['part']} | {r['ms_per_layer']:.2f} | {100 * r['share_of_sparse_call']:.1f} % |")
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+            args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                            "specdiff": specdiff.__file__, "rows": rows, "parts": parts}, indent=1))
         return rows
 
     pipe = tiny_sd3_pipeline(width=args.width, layers=args.layers, heads=args.heads)
@@ -323,6 +385,7 @@ def main(argv=None) -> None:
     print("| method | s / generation (median) | wall-clock speed-up | FLOPs ratio (full / method) | speed-up / FLOPs ratio | speculation | scoring |")
     print("|---|---|---|---|---|---|---|")
     base = times["full compute"]
+    rows = []
     for name in methods:
         speedup = statistics.median(b / t for b, t in zip(base, times[name]))
         flop_ratio = flops["full compute"] / flops[name]
@@ -332,6 +395,13 @@ def main(argv=None) -> None:
             f"| {name} | {statistics.median(times[name]):.2f} | {speedup:.2f}x | {flop_ratio:.2f}x | "
             f"{100 * speedup / flop_ratio:.0f}% | {spec} | {score} |"
         )
+        rows.append({"method": name, "seconds_median": statistics.median(times[name]), "speedup": speedup,
+                     "flops_ratio": flop_ratio, "efficiency": speedup / flop_ratio})
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                        "specdiff": specdiff.__file__, "rows": rows}, indent=1))
+    return rows
 
 
 if __name__ == "__main__":
