@@ -39,11 +39,13 @@ def record_signals(pipe, prompts: list[str], steps: int, seeds: list[int], confi
         signals = event.signals
         if signals.attention is not None and len(signals.last_outputs) >= 2:
             future = signals.future(signals.timestep)
+            spec_change = signals.future_change(signals.timestep)
             seen.append({
                 "branch": event.branch,  # FLUX true CFG: two calls per step, one state each
                 "step": signals.step,
                 "his": signals.attention.float().cpu(),
                 "fut": None if future is None else future.float().cpu(),
+                "spec_change": None if spec_change is None else spec_change.float().cpu(),
                 "last": signals.last_outputs[0].float().cpu(),
                 "before": signals.last_outputs[1].float().cpu(),
             })
@@ -88,6 +90,7 @@ def accumulate(seen: list[dict], first_step: int, generator: torch.Generator, re
             "last change, norm of F_t-1 - F_t-2 (importance=\"change\")": (now["last"] - now["before"]).norm(dim=-1),
             "last change x fut (importance=\"change-fut\")":
                 normalise((now["last"] - now["before"]).norm(dim=-1)) * normalise(now["fut"]) if has_future else None,
+            "speculative change (importance=\"spec-change\")": now["spec_change"],
             "random": torch.rand(change.shape, generator=generator),
             "oracle: the change itself": change,
         }
@@ -118,6 +121,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--tap-queries", type=int, default=64)
+    p.add_argument("--speculative-steps", type=int, default=2, help="of the speculative pass (fut, spec-change)")
     p.add_argument("--tap-include-text", action="store_true", help="text queries count in attention received")
     args = p.parse_args()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +130,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     prompts, _ = bench_prompts(pipe, args.split, args.num_prompts, args.prompts)
     taps = SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, reset_steps=(), tap_queries=args.tap_queries,
-                          tap_include_text=args.tap_include_text)
+                          tap_include_text=args.tap_include_text, speculative_steps=args.speculative_steps)
     generator = torch.Generator().manual_seed(args.seed)
     results: dict[str, dict[str, list[float]]] = {}
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches"):

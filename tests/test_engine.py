@@ -360,3 +360,26 @@ def test_timesteps_come_from_the_schedule_not_a_sync_per_call(sd3):
     assert counted["item"] - plain["item"] <= 2, (counted, plain)
     expected = sd3.scheduler.timesteps.float().tolist()
     assert seen == pytest.approx(expected[len(expected) - len(seen):])
+
+
+def test_speculative_change_maps_reach_the_real_steps(sd3):
+    """importance="spec-change": the speculative pass (3 dense steps, no taps) leaves one change map per
+    step after its first, and every sparse real step reads the map at the nearest speculative timestep."""
+    config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(), speculative_steps=3,
+                                     importance="spec-change")
+    read = []
+    specdiff.enable(sd3, config)
+    try:
+        specdiff.observe(sd3, lambda e: read.append((e.timestep, e.signals.future_change(e.timestep), e.plan.compute)))
+        generate(sd3, guidance_scale=5.0)
+        summary = specdiff.summary(sd3)
+    finally:
+        specdiff.disable(sd3)
+    speculative = [r for r in summary.records if r.phase == "speculative"]
+    assert len(speculative) == 3 and not any(r.tapped for r in speculative + summary.real_steps())
+    maps = {tuple(m[0].tolist()) for _, m, _ in read if m is not None}
+    assert len(maps) == 2  # two changes between three speculative steps
+    for timestep, change, compute in read:
+        assert change is not None and change.shape == (2, 16 * 16)  # CFG rows served by the conditional pass
+        assert torch.isfinite(change).all() and (change >= 0).all()
+    assert sum(c is not None for _, _, c in read) == STEPS - config.warmup_steps

@@ -162,6 +162,21 @@ def test_specdiff_importance_is_validated():
         specdiff.SpecDiffConfig(importance="edges")
     with pytest.raises(specdiff.ConfigError, match="speculative_steps must be at least 1"):
         specdiff.SpecDiffConfig(importance="fut", speculative_steps=0)
+    with pytest.raises(specdiff.ConfigError, match="speculative_steps must be at least 2"):
+        specdiff.SpecDiffConfig(importance="spec-change", speculative_steps=1)
+
+
+def test_specdiff_speculative_change_importance_follows_the_speculative_pass():
+    from specdiff.policies.specdiff import SpecDiffPolicy
+
+    moved = torch.tensor([[0.1, 0.2, 6.0, 0.3, 0.1, 0.2, 5.0, 0.1, 0.3, 0.2]])
+    attention = torch.tensor([[9.0, 9.0, 0.1, 1, 1, 1, 0.1, 1, 1, 1]])  # points elsewhere
+    observed = torch.tensor([[3.0, 4.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])  # so does the real history
+    policy = SpecDiffPolicy(specdiff.SpecDiffConfig(cache_ratio=0.8, starvation_scale=0.0, importance="spec-change"))
+    signals = _signals(attention=attention, observed_change=observed, future_change=lambda t: moved)
+    assert set(policy.plan(signals).compute[0].tolist()) == {2, 6}
+    assert policy.plan(_signals()).compute is None  # no speculative change measured: the step runs in full
+    assert policy.speculative_steps == 2 and policy.tap_queries == 0  # the pass runs, taps do not
 
 
 def test_history_observes_change_only_where_tokens_ran():

@@ -118,6 +118,8 @@ class StepSignals:
     cfg_groups: int  # rows r and r + B / cfg_groups belong to one prompt (1 = no sharing)
     generator: torch.Generator
     observed_change: torch.Tensor | None = None  # (B, N) output change rate when each token last ran
+    # (B, N) output change rate the speculative pass saw at the nearest speculative timestep (None: none)
+    future_change: Callable[[float], torch.Tensor | None] = lambda timestep: None
 
 
 @dataclasses.dataclass(frozen=True)

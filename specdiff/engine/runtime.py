@@ -153,6 +153,8 @@ class BranchState:
     history: TokenHistory = dataclasses.field(default_factory=TokenHistory)
     attention: torch.Tensor | None = None  # taps of the last step
     future: list[tuple[float, torch.Tensor]] = dataclasses.field(default_factory=list)
+    # per speculative timestep, how fast each token's output moved since the previous speculative step
+    future_change: list[tuple[float, torch.Tensor]] = dataclasses.field(default_factory=list)
     step: int = 0
     block_state: object = None  # a block-level policy's own state (Policy.new_block_state)
     block_work: float = 0.0  # block work done in the current step, summed over its block calls
@@ -177,6 +179,7 @@ class Runtime:
         self._branches: list[BranchState] = []
         self.kv_slots: list[list[LayerKV]] = []  # per attention layer, one LayerKV per branch
         self._speculated: list[list[tuple[float, torch.Tensor]]] = []
+        self._speculated_change: list[list[tuple[float, torch.Tensor]]] = []
         self._last_timestep: float | None = None
         self._branch = 0
         self._plan: StepPlan | None = None
@@ -208,6 +211,7 @@ class Runtime:
         self.cfg_groups = cfg_groups
         self.summary = GenerationSummary(self.policy.config.method, self.policy.config)
         self._speculated = []
+        self._speculated_change = []
         self._generator.manual_seed(self.seed)
         self._started = time.perf_counter()
         self._enter_phase("real")
@@ -217,6 +221,7 @@ class Runtime:
 
     def end_speculation(self) -> None:
         self._speculated = [b.future for b in self._branches]
+        self._speculated_change = [b.future_change for b in self._branches]
         self._enter_phase("real")
 
     def finish_generation(self) -> None:
@@ -236,6 +241,7 @@ class Runtime:
         self.summary = None
         self._branches = []
         self._speculated = []
+        self._speculated_change = []
         self._last_timestep = None
         self._plan = None
         self.context.enabled = False
@@ -273,13 +279,16 @@ class Runtime:
             self._branch = 0
         self._last_timestep = timestep
         while len(self._branches) <= self._branch:
-            state = BranchState(history=TokenHistory(track_change=self.policy.reads_observed_change))
+            # the speculative pass always measures its tokens' change: a few dense steps, one norm each
+            track = self.policy.reads_observed_change or self.phase == "speculative"
+            state = BranchState(history=TokenHistory(track_change=track))
             for slots in self.kv_slots:  # each layer's processor holds its own list of slots
                 while len(slots) <= len(self._branches):
                     slots.append(LayerKV())
             if self._speculated:
                 # a speculative pass without a CFG branch serves every branch with its maps
                 state.future = self._speculated[min(len(self._branches), len(self._speculated) - 1)]
+                state.future_change = self._speculated_change[min(len(self._branches), len(self._speculated_change) - 1)]
             self._branches.append(state)
         return self._branches[self._branch]
 
@@ -310,6 +319,7 @@ class Runtime:
                 device=device,
                 attention=branch.attention,
                 future=lambda t, b=branch: rows_for(nearest_future(b.future, t), batch),
+                future_change=lambda t, b=branch: rows_for(nearest_future(b.future_change, t), batch),
                 cached_count=branch.history.cached_count,
                 last_outputs=branch.history.outputs,
                 observed_change=branch.history.observed_change,
@@ -374,6 +384,8 @@ class Runtime:
         tapped = ctx.tap_sum is not None
         if tapped and self.phase == "speculative":
             branch.future.append((self._step_timestep, ctx.tap_sum))
+        if self.phase == "speculative" and branch.history.observed_change is not None:
+            branch.future_change.append((self._step_timestep, branch.history.observed_change))
         branch.attention = ctx.tap_sum  # None when this step's taps were not needed
         n_tokens = output.shape[1]
         c1 = n_tokens if plan.compute is None else plan.compute.shape[1]

@@ -64,6 +64,8 @@ class SpecDiffConfig(DenseScheduleConfig):
                 observed change predicts its next change with Spearman +0.62, while attention received
                 predicts it negatively (-0.19; BENCHMARKS.md, the token-score study).
             "change-fut": change x the speculative map.
+            "spec-change": how fast the token's output moved in the speculative pass, between the two
+                speculative steps nearest the current timestep (no taps; needs speculative_steps >= 2).
         warmup_steps (int, default 4): steps at the start that compute every token.
         reset_steps (tuple of int, default (12, 22)): further steps (0-based) that compute every token.
     """
@@ -84,7 +86,7 @@ class SpecDiffConfig(DenseScheduleConfig):
     speculative_cfg: bool = False  # half the speculation's cost for -0.3 dB (BENCHMARKS.md section 3)
     importance: str = "his-fut"
 
-    IMPORTANCE = ("his-fut", "his", "fut", "change", "change-fut")
+    IMPORTANCE = ("his-fut", "his", "fut", "change", "change-fut", "spec-change")
 
     def validate(self) -> None:
         super().validate()
@@ -99,6 +101,9 @@ class SpecDiffConfig(DenseScheduleConfig):
         if "fut" in self.importance and self.importance != "his-fut" and self.speculative_steps == 0:
             raise ConfigError(f"SpecDiffConfig.importance={self.importance!r} reads the speculative map: "
                               "speculative_steps must be at least 1")
+        if self.importance == "spec-change" and self.speculative_steps < 2:
+            raise ConfigError("SpecDiffConfig.importance='spec-change' compares consecutive speculative steps: "
+                              f"speculative_steps must be at least 2, got {self.speculative_steps}")
 
 
 class SpecDiffPolicy(Policy):
@@ -111,8 +116,9 @@ class SpecDiffPolicy(Policy):
 
     @property
     def speculative_steps(self) -> int:
-        # "his" and "change" read no speculative map: no speculative pass to pay for
-        return self.config.speculative_steps if "fut" in self.config.importance else 0
+        # "his" and "change" read nothing of the speculative pass: no pass to pay for
+        uses_speculation = "fut" in self.config.importance or self.config.importance == "spec-change"
+        return self.config.speculative_steps if uses_speculation else 0
 
     @property
     def speculative_cfg(self) -> bool:
@@ -121,7 +127,7 @@ class SpecDiffPolicy(Policy):
     @property
     def tap_queries(self) -> int:
         # taps measure attention received ("his") and feed the speculative map ("fut")
-        return self.config.tap_queries if self.config.importance != "change" else 0
+        return self.config.tap_queries if self.config.importance not in ("change", "spec-change") else 0
 
     @property
     def tap_include_text(self) -> bool:
@@ -138,13 +144,17 @@ class SpecDiffPolicy(Policy):
             return signals.attention is not None
         if self.config.importance == "fut":
             return signals.future(signals.timestep) is not None or signals.attention is not None
+        if self.config.importance == "spec-change":
+            return signals.future_change(signals.timestep) is not None
         return signals.observed_change is not None
 
     def importance(self, signals: StepSignals) -> torch.Tensor:
         """The chosen signals, each normalised to mean 1 per row, multiplied."""
         kind = self.config.importance
         future = signals.future(signals.timestep) if "fut" in kind else None
-        if kind in ("change", "change-fut"):
+        if kind == "spec-change":
+            score = normalise(signals.future_change(signals.timestep).float())
+        elif kind in ("change", "change-fut"):
             score = normalise(signals.observed_change.float())
         elif kind == "fut" and future is not None:
             score, future = normalise(future.float()), None
