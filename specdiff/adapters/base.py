@@ -174,6 +174,7 @@ class Adapter:
         self._handles = []
         self._hooked_blocks = []
         self._signature = inspect.signature(type(model).forward)
+        self._default_compilation = BlockCompilation({})
         self.schedule: ScheduleReader | None = None  # set by enable when a pipeline (and its scheduler) drives the model
 
     def compiled_block_forward(self, block, original):
@@ -186,10 +187,9 @@ class Adapter:
         forward = type(block).forward
         if getattr(original, "__func__", None) is not forward:
             return None
-        compilation = getattr(self.model, BLOCK_COMPILATION_ATTR, None)
-        if compilation is None:  # blocks compiled without specdiff.compile_blocks: default options
-            compilation = BlockCompilation({})
-            setattr(self.model, BLOCK_COMPILATION_ATTR, compilation)
+        # blocks compiled without specdiff.compile_blocks: default options, kept by this adapter (the
+        # transformer is left as enable found it)
+        compilation = getattr(self.model, BLOCK_COMPILATION_ATTR, None) or self._default_compilation
         if type(block) not in compilation.forwards:
             compilation.forwards[type(block)] = torch.compile(forward, **compilation.options)
         return compilation.forwards[type(block)]
