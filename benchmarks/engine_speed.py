@@ -169,8 +169,9 @@ def measure_calls(args) -> list[dict]:
 
     def config(ratio, tapped):
         # speculation off (it is dense calls at other timesteps); "change" needs no attention taps
+        taps = {"tap_queries": args.tap_queries} if args.tap_queries else {}
         return specdiff.SpecDiffConfig(cache_ratio=ratio, speculative_steps=0, warmup_steps=1, reset_steps=(),
-                                       **({} if tapped else {"importance": "change"}))
+                                       **(taps if tapped else {"importance": "change"}))
 
     # an older specdiff (benchmarks/before_after.py) has no untapped score: its rows are left out
     untapped = "importance" in {f.name for f in dataclasses.fields(specdiff.SpecDiffConfig)}
@@ -238,7 +239,8 @@ def measure_parts(args, sparse_call_seconds: float, ratio: float) -> list[dict]:
     rand = lambda *shape: torch.randn(*shape, generator=generator).to(device, dtype)  # noqa: E731
     active = torch.stack([torch.randperm(n_image, generator=generator)[:active_count] for _ in range(batch)]).to(device)
     ctx = AttentionContext()
-    ctx.enabled, ctx.kv_branch, ctx.active, ctx.tap_queries = True, 0, active, 64
+    ctx.enabled, ctx.kv_branch, ctx.active = True, 0, active
+    ctx.tap_queries = args.tap_queries or specdiff.SpecDiffConfig().tap_queries  # as in the tapped calls
     slot = LayerKV(rand(batch, heads, n_image + n_text, dim), rand(batch, heads, n_image + n_text, dim))
     image_kv = (rand(batch, heads, active_count, dim), rand(batch, heads, active_count, dim))
     text_kv = (rand(batch, heads, n_text, dim), rand(batch, heads, n_text, dim))
@@ -246,7 +248,7 @@ def measure_parts(args, sparse_call_seconds: float, ratio: float) -> list[dict]:
     ctx.tap_sum = torch.zeros(batch, n_image, device=device)
     parts = {
         "key/value write": lambda: joint_kv(ctx, [slot], *image_kv, *text_kv, text_first=False),
-        "attention taps": lambda: tap_attention(ctx, offset, queries, None, slot.keys, slice(0, n_image)),
+        f"attention taps ({ctx.tap_queries} queries)": lambda: tap_attention(ctx, offset, queries, None, slot.keys, slice(0, n_image)),
     }
     layers = args.blocks  # one attention layer per block in both presets' families
     rows = []
@@ -303,6 +305,7 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="--preset: regional torch.compile of the blocks first")
     p.add_argument("--parts", action="store_true",
                    help="--preset: also time the taps and the key/value write alone, as shares of a sparse call")
+    p.add_argument("--tap-queries", type=int, default=None, help="--preset: SpecDiff's tap_queries (default: its default)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     p.add_argument("--width", type=int, default=512)
