@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def extract(ref: str, folder: Path) -> str:
 
 
 def run_once(package_root: Path, args: list[str], out: Path) -> dict:
-    env = {**__import__("os").environ, "PYTHONPATH": str(package_root)}
+    env = {**os.environ, "PYTHONPATH": str(package_root)}
     subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(out)], env=env, check=True,
                    stdout=subprocess.DEVNULL)
     result = json.loads(out.read_text())

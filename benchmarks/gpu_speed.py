@@ -10,7 +10,9 @@ single blocks, width 3072), built directly on the device in bf16 with random wei
 are one-layer stand-ins with the real output widths and sequence lengths (333 text tokens for SD3, 512
 for FLUX), the VAE a small one with the real latent channels and 8x downsampling, so the pipeline's own
 code runs at 1024 x 1024 px, 28 steps. Methods run interleaved, one generation each per round, after a
-warm-up round; each generation timed with CUDA events; peak memory is torch.cuda.max_memory_allocated.
+warm-up round, which also counts each method's transformer FLOPs (FlopCounterMode); each generation
+timed with CUDA events; peak memory is torch.cuda.max_memory_allocated. --compile compiles the blocks
+(specdiff.compile_blocks) after the FLOP count, for stock and every method alike.
 A budget guard stops adding rounds once --budget-minutes is spent (at least one timed round). Prints one
 JSON line per method and a Markdown table; --out also writes them.
 """
