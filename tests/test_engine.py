@@ -228,8 +228,10 @@ def test_speculation_with_or_without_cfg_rows_is_exact_at_ratio_zero(case):
     assert torch.isfinite(fast).all()
 
 
-def test_attention_taps_equal_the_attention_the_model_computes(monkeypatch):
-    """With every image query sampled, the taps are the exact attention each image token receives."""
+@pytest.mark.parametrize("chunk_elements", [None, 64])
+def test_attention_taps_equal_the_attention_the_model_computes(monkeypatch, chunk_elements):
+    """With every image query sampled, the taps are the exact attention each image token receives;
+    also when the taps run one head and one query at a time (a tiny chunk size forces both loops)."""
     pipe = tiny_sd3_pipeline()
     transformer = pipe.transformer
     n_img = (64 // 8 // 2) ** 2  # 64 px, VAE factor 8, patch 2
@@ -253,6 +255,10 @@ def test_attention_taps_equal_the_attention_the_model_computes(monkeypatch):
             transformer(**call)
     assert expected.sum() > 0
 
+    if chunk_elements is not None:
+        import specdiff.engine.attention as attention
+
+        monkeypatch.setattr(attention, "TAP_CHUNK_ELEMENTS_CPU", chunk_elements)
     config = specdiff.SpecDiffConfig(speculative_steps=0, warmup_steps=1, tap_queries=4096)
     specdiff.enable(transformer, config, num_inference_steps=STEPS)
     try:
