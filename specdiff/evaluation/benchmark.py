@@ -340,9 +340,11 @@ def run_benchmark(args, check_size=None) -> list[dict]:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
         records = [r for part in gathered for r in part]
+        # every rank leaves the group here, together: a rank tearing down while another still holds the
+        # group aborted it once (gloo, SIGABRT); rank 0 needs no group for the scoring that follows
+        dist.barrier()
+        dist.destroy_process_group()
     if rank != 0:
-        if distributed:
-            dist.destroy_process_group()
         return []
     flops = {}
     with library_messages() as more_messages:
@@ -398,8 +400,6 @@ def run_benchmark(args, check_size=None) -> list[dict]:
               "meta.library_messages")
     written = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in final.iterdir() if not p.name.startswith(".")))
     print(f"bench: results in {final}: {written}")
-    if distributed:
-        dist.destroy_process_group()
     return rows
 
 
