@@ -18,9 +18,8 @@ import torch
 
 
 TAP_CHUNK_ELEMENTS = 2**25  # fp32 attention weights per tap chunk: 128 MiB
-# On a CPU the taps are memory-bound: chunks of a few MiB stay in cache (measured at SD3-medium's shapes,
-# 2 threads: one head at a time 24 ms per layer, all heads at once 70 ms); on a GPU fewer, larger chunks
-# (each chunk is several kernel launches)
+# On a CPU smaller chunks: at SD3-medium's shapes the taps went from 5-6 % to 2.6 % of a sparse call
+# (BENCHMARKS.md section 10); on a GPU fewer, larger chunks (each chunk is several kernel launches)
 TAP_CHUNK_ELEMENTS_CPU = 2**20
 
 class AttentionContext(threading.local):
