@@ -223,6 +223,21 @@ def measure_calls(args) -> list[dict]:
     return rows
 
 
+def median_seconds(fn, device: torch.device, repeats: int = 10) -> float:
+    """Median time of fn() over `repeats` runs after one warm-up run (synchronised on a GPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
 def measure_parts(args, sparse_call_seconds: float, ratio: float) -> list[dict]:
     """The engine's per-layer extras of a sparse call, each timed alone at the preset's shapes and scaled
     to the call's layers: the attention taps and the key/value write (active image rows and text rows
@@ -254,17 +269,7 @@ def measure_parts(args, sparse_call_seconds: float, ratio: float) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for name, fn in parts.items():
-            fn()
-            times = []
-            for _ in range(20):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                tic = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - tic)
-            per_layer = statistics.median(times)
+            per_layer = median_seconds(fn, device, repeats=20)
             rows.append({"part": name, "ms_per_layer": 1000 * per_layer, "layers": layers,
                          "share_of_sparse_call": per_layer * layers / sparse_call_seconds})
     return rows

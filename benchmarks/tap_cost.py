@@ -8,26 +8,11 @@ engine's `tap_attention` itself at its device's chunk size. Medians of 10.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from engine_speed import median_seconds  # benchmarks/, the script's own folder
 from specdiff.engine.attention import AttentionContext, tap_attention
-
-
-def median_ms(fn, device, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - tic)
-    return 1000 * statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -75,7 +60,7 @@ def main(argv=None) -> None:
         print(f"one layer: batch {b}, {h} heads x {d}, {s} keys, {args.queries} tap queries, {args.dtype}, "
               f"{device} ({torch.get_num_threads()} threads)\n\n| part | ms (median of 10) |\n|---|---|")
         for name, fn in rows.items():
-            print(f"| {name} | {median_ms(fn, device):.1f} |")
+            print(f"| {name} | {1000 * median_seconds(fn, device):.1f} |")
 
 
 if __name__ == "__main__":
