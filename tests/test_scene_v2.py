@@ -162,3 +162,88 @@ def test_the_shipped_v2_weights_load_hash_checked_and_draw_64_px(monkeypatch):
     out = pipe("a large red circle at the top left and a small blue ring in the center on a white background",
                num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert out.shape == (1, 3, 64, 64) and out.std() > 0.05
+
+
+def _batches(workers: int, start: int, count: int):
+    from specdiff.reference.train import SceneBatches
+
+    loader = torch.utils.data.DataLoader(SceneBatches(V2, 2, 7, start), batch_size=None, num_workers=workers)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == count:
+            return out
+
+
+def test_rendering_workers_give_the_same_batches_in_step_order_for_any_worker_count():
+    one, two = _batches(0, 0, 4), _batches(2, 0, 4)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+        assert a[2] == b[2]
+    assert one[0][2] != one[1][2]  # each step its own batch
+    resumed = _batches(2, 2, 2)  # a run resumed at step 2 continues the same stream
+    assert [b[2] for b in resumed] == [b[2] for b in one[2:]]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_by_steps_or_by_the_time_budget():
+    from specdiff.reference.train import learning_rate, parse_args
+
+    args = parse_args(["--out", "x", "--steps", "1000", "--warmup", "10", "--lr", "1.0"])
+    assert learning_rate(args, 0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(args, 999, 1e9) == 1.0  # no decay asked
+    args = parse_args(["--out", "x", "--steps", "1000", "--warmup", "10", "--lr", "1.0", "--lr-decay", "cosine",
+                       "--decay-start", "500"])
+    assert learning_rate(args, 400, 0.0) == 1.0
+    assert learning_rate(args, 750, 0.0) == pytest.approx(0.5)
+    assert learning_rate(args, 1000, 0.0) == pytest.approx(0.0, abs=1e-12)
+    args.minutes = 10.0  # the time budget decays it sooner when it runs out first
+    assert learning_rate(args, 501, 300.0) == pytest.approx(0.5, abs=1e-2)
+    assert learning_rate(args, 501, 600.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_larger_model_trains_with_workers_stops_on_its_time_budget_and_exports_its_size(tmp_path):
+    from specdiff.reference.pipeline import load_scene_pipeline
+    from specdiff.reference.train import main as train
+
+    run = tmp_path / "run"
+    common = ["--style", "v2", "--out", str(run), "--batch-size", "2", "--save-every", "100", "--workers", "1"]
+    train(common + ["--steps", "2", "--layers", "2", "--heads", "2", "--precision", "bf16", "--lr-decay", "cosine"])
+    train(common + ["--steps", "1000", "--minutes", "1e-9"])  # no time: stops at once, still checkpoints
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and state["overrides"] == {"num_layers": 2, "num_attention_heads": 2}
+    with pytest.raises(SystemExit, match="--layers / --heads"):
+        train(common + ["--steps", "3", "--layers", "4"])
+    train(["--out", str(run), "--export", str(tmp_path / "model")])
+    pipe = load_scene_pipeline(tmp_path / "model")
+    assert (pipe.transformer.config.num_layers, pipe.transformer.config.num_attention_heads) == (2, 2)
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--workers", "-1"], "--workers"), (["--layers", "0"], "--layers"), (["--minutes", "0"], "--minutes"),
+    (["--lr-decay", "cosine", "--decay-start", "5", "--steps", "5"], "--decay-start"),
+])
+def test_training_refuses_bad_numbers_in_one_line_before_any_work(tmp_path, flags, field):
+    from specdiff.reference.train import main as train
+
+    with pytest.raises(SystemExit, match=field):
+        train(["--style", "v2", "--out", str(tmp_path / "run")] + flags)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_compact_text_encoder_is_minilm_in_fp16_for_captions_and_refuses_other_words(tmp_path):
+    from specdiff.reference.text_encoder import SceneTextEncoder, export_compact
+
+    export_compact(tmp_path / "minilm")
+    assert sum(f.stat().st_size for f in (tmp_path / "minilm").iterdir()) < 25e6
+    full = SceneTextEncoder(max_tokens=V2.max_tokens)
+    compact = SceneTextEncoder(max_tokens=V2.max_tokens, path=tmp_path / "minilm")
+    rng = random.Random(3)
+    captions = [scenes.sample_scene(rng, "train", V2).caption() for _ in range(24)] + [""]
+    captions += [s.caption() for s in scenes.held_out_prompts(8, style=scenes.V2)]
+    tokens, pooled = compact(captions)
+    full.model.half().float()  # the same weights rounded to fp16: then the same function
+    want_tokens, want_pooled = full(captions)
+    torch.testing.assert_close(tokens, want_tokens, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pooled, want_pooled, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="elephant"):
+        compact(["a red elephant on a white background"])

@@ -17,6 +17,7 @@ import argparse
 import copy
 import csv
 import json
+import math
 import os
 import random
 import time
@@ -48,16 +49,97 @@ def parse_args(argv=None):
     p.add_argument("--export", type=Path, default=None, help="write the EMA weights of --out's checkpoint here and exit")
     p.add_argument("--loss-summary", type=Path, default=None,
                    help="print 100-step means and seconds per step of a loss.csv and exit")
+    p.add_argument("--lr-decay", default="none", choices=("none", "cosine"),
+                   help="cosine: the learning rate falls to 0 from --decay-start to --steps (or to the end of --minutes)")
+    p.add_argument("--decay-start", type=int, default=0, help="step where the cosine decay begins")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="stop after this many minutes of this invocation (checkpoint written); with --lr-decay "
+                        "cosine the decay runs over the time left, so a run ends decayed whatever the device's speed")
+    p.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the style's, 4)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads of 64 channels (default: the style's, 3)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="render batches in this many processes; each batch is then seeded by its step, so the data "
+                        "is the same for any worker count (0: one stream in this process, as before)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: autocast the transformer's forward (weights, optimizer and EMA stay fp32)")
+    p.add_argument("--text-encoder", type=Path, default=None, metavar="DIR",
+                   help="MiniLM folder (default: the package's); a compact one (python -m "
+                        "specdiff.reference.text_encoder --export-compact DIR) on a machine without the package")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start a new run from a model folder's weights (e.g. the shipped one) with a fresh optimizer; "
                         "a v1 (32 px, patch 2) folder also starts a v2 run, its patch layers spread over 4 x 4")
     return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """One-line errors for numbers out of range, before any work."""
+    for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 1), ("save_every", 1), ("layers", 1), ("heads", 1),
+                      ("workers", 0), ("decay_start", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise SystemExit(f"train: error: --{name.replace('_', '-')} must be >= {low}, got {value}")
+    if args.minutes is not None and not args.minutes > 0:
+        raise SystemExit(f"train: error: --minutes must be > 0, got {args.minutes}")
+    if args.lr_decay == "cosine" and args.decay_start >= args.steps:
+        raise SystemExit(f"train: error: --decay-start ({args.decay_start}) must be below --steps ({args.steps})")
+    if args.init_from is not None and (args.layers is not None or args.heads is not None):
+        raise SystemExit("train: error: --init-from takes the size of the weights it starts from; drop --layers / --heads")
+
+
 def last_logged_seconds(log_path: Path) -> float:
     """The `seconds` column of a loss log's last row (0 for a log with no rows)."""
     rows = log_path.read_text().splitlines()[1:]
     return float(rows[-1].split(",")[2]) if rows else 0.0
+
+
+def learning_rate(args, step: int, time_used: float) -> float:
+    """Warm-up, then constant or a cosine decay to 0 over the steps (or, with --minutes, the time) left."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.lr_decay == "cosine" and step >= args.decay_start:
+        progress = (step - args.decay_start) / max(1, args.steps - args.decay_start)
+        if args.minutes is not None:
+            progress = max(progress, time_used / (60 * args.minutes))
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return lr
+
+
+def model_overrides(args) -> dict:
+    overrides = {}
+    if args.layers is not None:
+        overrides["num_layers"] = args.layers
+    if args.heads is not None:
+        overrides["num_attention_heads"] = args.heads
+    return overrides
+
+
+class SceneBatches(torch.utils.data.IterableDataset):
+    """Rendered training batches from `start` on, batch k drawn from random.Random((seed, k)): the same data for
+    any number of worker processes, and a resumed run continues the stream from its step."""
+
+    def __init__(self, style, batch_size: int, seed: int, start: int):
+        self.style, self.batch_size, self.seed, self.start = style, batch_size, seed, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        step = self.start + worker
+        while True:  # the DataLoader takes the workers' outputs in turn, so batches arrive in step order
+            rng = random.Random(f"{self.seed}:{step}")
+            images, masks, captions, _ = make_batch(rng, self.batch_size, style=self.style)
+            yield torch.from_numpy(images).float(), torch.from_numpy(masks).float(), captions
+            step += workers
+
+
+def batch_stream(args, style, data_rng: random.Random, step: int):
+    """(images, masks, captions) per step: one seeded stream in this process, or --workers processes."""
+    if args.workers <= 0:
+        while True:
+            images, masks, captions, _ = make_batch(data_rng, args.batch_size, style=style)
+            yield torch.from_numpy(images), torch.from_numpy(masks), captions
+    loader = torch.utils.data.DataLoader(
+        SceneBatches(style, args.batch_size, args.seed, step), batch_size=None, num_workers=args.workers,
+        prefetch_factor=4, pin_memory=torch.cuda.is_available())
+    yield from loader
 
 
 def logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -72,6 +154,7 @@ def main(argv=None) -> None:
     if args.export is not None:
         export_checkpoint(args.out / "checkpoint.pt", args.export)
         return
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -82,14 +165,20 @@ def main(argv=None) -> None:
     ckpt_path = args.out / "checkpoint.pt"
 
     torch.manual_seed(args.seed)
-    model = build_transformer(style)
+    overrides = model_overrides(args)
+    state = torch.load(ckpt_path, weights_only=True, map_location="cpu") if ckpt_path.exists() else None
+    if state is not None:  # a resumed run keeps the size it was started with
+        if overrides and overrides != state.get("overrides", {}):
+            raise SystemExit(f"train: error: --layers / --heads {overrides} differ from the run in {args.out} "
+                             f"({state.get('overrides', {})})")
+        overrides = state.get("overrides", {})
+    model = build_transformer(style, **overrides)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     data_rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -108,12 +197,12 @@ def main(argv=None) -> None:
         print(f"starting from the weights in {args.init_from}")
     model.to(device)
     ema.to(device)
-    if ckpt_path.exists():  # the optimizer state was loaded on the CPU
+    if state is not None:  # the optimizer state was loaded on the CPU
         for value in opt.state.values():
             for key, tensor in value.items():
                 if torch.is_tensor(tensor) and key != "step":
                     value[key] = tensor.to(device)
-    encoder = SceneTextEncoder(max_tokens=style.max_tokens).to(device)
+    encoder = SceneTextEncoder(max_tokens=style.max_tokens, path=args.text_encoder).to(device)
     empty_tokens, empty_pooled = encoder([""])
 
     log_path = args.out / "loss.csv"
@@ -122,15 +211,22 @@ def main(argv=None) -> None:
     writer = csv.writer(log)
     if new_log:
         writer.writerow(["step", "loss", "seconds"])
-    (args.out / "args.json").write_text(json.dumps({**vars(args), "config": transformer_config(style)}, indent=1, default=str))
+    (args.out / "args.json").write_text(json.dumps(
+        {**vars(args), "config": transformer_config(style, **overrides)}, indent=1, default=str))
 
     model.train()
     started = time.time() - (0.0 if new_log else last_logged_seconds(log_path))  # a resumed run keeps counting
+    invoked = time.time()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    batches = batch_stream(args, style, data_rng, step)
     bar = tqdm(total=args.steps, initial=step, desc="training", smoothing=0.05)
     while step < args.steps:
-        images, masks, captions, _ = make_batch(data_rng, args.batch_size, style=style)
-        x0 = torch.from_numpy(images).to(device)
-        weight = 1.0 + args.object_weight * torch.from_numpy(masks).unsqueeze(1).to(device)
+        time_used = time.time() - invoked
+        if args.minutes is not None and time_used >= 60 * args.minutes:
+            break
+        images, masks, captions = next(batches)
+        x0 = images.to(device, non_blocking=True)
+        weight = 1.0 + args.object_weight * masks.unsqueeze(1).to(device, non_blocking=True)
         tokens, pooled = encoder(captions)
         # Random draws stay on the CPU generator (same numbers on any device), then move.
         drop = (torch.rand(args.batch_size, generator=gen) < args.caption_dropout).to(device)
@@ -142,17 +238,17 @@ def main(argv=None) -> None:
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         target = noise - x0
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        pred = model(xt, tokens, pooled, t * 1000).sample
-        loss = (weight * (pred - target) ** 2).mean() / weight.mean()
+            group["lr"] = learning_rate(args, step, time_used)
+        with autocast:
+            pred = model(xt, tokens, pooled, t * 1000).sample
+        loss = (weight * (pred.float() - target) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
             decay = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         step += 1
         loss_value = loss.item()
         writer.writerow([step, f"{loss_value:.5f}", f"{time.time() - started:.1f}"])
@@ -160,16 +256,23 @@ def main(argv=None) -> None:
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % args.save_every == 0 or step == args.steps:
             log.flush()
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save(
-                {"model": _to_cpu(model.state_dict()), "ema": _to_cpu(ema.state_dict()),
-                 "opt": _to_cpu(opt.state_dict()), "data_rng": data_rng.getstate(), "gen": gen.get_state(),
-                 "step": step, "style": style.name},
-                tmp,
-            )
-            os.replace(tmp, ckpt_path)  # never a half-written checkpoint
+            save_checkpoint(ckpt_path, model, ema, opt, data_rng, gen, step, style, overrides)
+    if step % args.save_every and step != args.steps:  # stopped by --minutes between saves
+        log.flush()
+        save_checkpoint(ckpt_path, model, ema, opt, data_rng, gen, step, style, overrides)
     bar.close()
     log.close()
+
+
+def save_checkpoint(path: Path, model, ema, opt, data_rng, gen, step: int, style, overrides: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {"model": _to_cpu(model.state_dict()), "ema": _to_cpu(ema.state_dict()),
+         "opt": _to_cpu(opt.state_dict()), "data_rng": data_rng.getstate(), "gen": gen.get_state(),
+         "step": step, "style": style.name, "overrides": overrides},
+        tmp,
+    )
+    os.replace(tmp, path)  # never a half-written checkpoint
 
 
 def _to_cpu(tree):
@@ -247,7 +350,7 @@ def export_checkpoint(checkpoint: Path, folder: Path) -> None:
 
     state = torch.load(checkpoint, weights_only=True, map_location="cpu")
     style = get_style(state.get("style", "v1"))
-    model = build_transformer(style)
+    model = build_transformer(style, **state.get("overrides", {}))
     model.load_state_dict(state["ema"])
     export_pipeline(model, folder, style=style)
     log = checkpoint.parent / "loss.csv"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Train embedded v2's larger configuration (8 blocks x 192, about 21 MB in fp16) on a lent GPU, then send the
+# exported weights back as a tar in parts of at most 15 MiB (the device tool returns files of at most 16 MiB).
+#
+# Prepare on this machine (ignored folders; they travel with `carry`):
+#   python -m specdiff.reference.text_encoder --export-compact .gpu/minilm      # 22.7 MB, MiniLM is not there
+#   diffusers' wheel in .whl/ (see the device tool's README; the GPU machine has no diffusers)
+# Run there:  device run, carry [".whl", ".gpu"], command "bash scripts/gpu_train_v2.sh", timeout 600.
+# Back here:  cat <files_at>/embedded-v2-gpu.tar.part-* | tar -xf - -C /tmp   (-> /tmp/gpu-export, hash-checked)
+# Tiny test on a CPU: DEVICE=cpu MINUTES=0.3 LAYERS=1 BATCH=2 WORKERS=1 OUT=/tmp/o bash scripts/gpu_train_v2.sh
+set -euo pipefail
+: "${OUT:?set OUT to the folder whose files come back}"
+DEVICE=${DEVICE:-cuda} MINUTES=${MINUTES:-6} LAYERS=${LAYERS:-8} HEADS=${HEADS:-3} BATCH=${BATCH:-128}
+WORKERS=${WORKERS:-12} LR=${LR:-1e-3} RUN=${RUN:-/tmp/gpu-run}
+if ! python3 -c "import diffusers" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+rm -rf "$RUN" /tmp/gpu-export
+python3 -m specdiff.reference.train --style v2 --out "$RUN" --device "$DEVICE" --precision bf16 --layers "$LAYERS" \
+    --heads "$HEADS" --batch-size "$BATCH" --workers "$WORKERS" --lr "$LR" --lr-decay cosine --minutes "$MINUTES" \
+    --steps 100000000 --save-every 100000000 --text-encoder .gpu/minilm 2> "$OUT/train-progress.log"
+python3 -m specdiff.reference.train --out "$RUN" --loss-summary "$RUN/loss.csv" | tee "$OUT/loss-summary.txt"
+python3 -m specdiff.reference.train --out "$RUN" --export /tmp/gpu-export
+tar -cf - -C /tmp gpu-export | split -b 15m -d - "$OUT/embedded-v2-gpu.tar.part-"
+ls -l "$OUT"
