@@ -21,7 +21,8 @@ python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_
 rm -rf "$RUN" /tmp/gpu-export
 python3 -m specdiff.reference.train --style v2 --out "$RUN" --device "$DEVICE" --precision bf16 --layers "$LAYERS" \
     --heads "$HEADS" --batch-size "$BATCH" --workers "$WORKERS" --lr "$LR" --lr-decay cosine --minutes "$MINUTES" \
-    --steps 100000000 --save-every 100000000 --text-encoder .gpu/minilm 2> "$OUT/train-progress.log"
+    --steps 100000000 --save-every 100000000 --text-encoder .gpu/minilm 2> /tmp/train-progress.log || { tail -c 2000 /tmp/train-progress.log; exit 1; }
+tail -c 400 /tmp/train-progress.log; echo
 python3 -m specdiff.reference.train --out "$RUN" --loss-summary "$RUN/loss.csv" | tee "$OUT/loss-summary.txt"
 python3 -m specdiff.reference.train --out "$RUN" --export /tmp/gpu-export
 tar -cf - -C /tmp gpu-export | split -b 15m -d - "$OUT/embedded-v2-gpu.tar.part-"
