@@ -247,3 +247,31 @@ def test_the_compact_text_encoder_is_minilm_in_fp16_for_captions_and_refuses_oth
     torch.testing.assert_close(pooled, want_pooled, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="elephant"):
         compact(["a red elephant on a white background"])
+
+
+def test_the_breakdown_scores_each_object_count_and_counts_shapes_asked_against_shapes_read():
+    from specdiff.reference.evaluate import breakdown, table
+
+    one = Scene("white", (RED_CIRCLE,))
+    two = Scene("white", (RED_CIRCLE, BLUE_RING))
+    ring_as_circle = Scene("white", (RED_CIRCLE, dataclasses.replace(BLUE_RING, shape="circle")))
+    result = breakdown([one, two, two], [one, two, ring_as_circle])
+    assert result["rows"]["1 object"]["exact_scene"] == 1.0
+    assert result["rows"]["2 objects"]["exact_scene"] == 0.5 and result["rows"]["2 objects"]["shape"] == 0.75
+    assert result["rows"]["all"]["exact_scene"] == pytest.approx(2 / 3)
+    assert result["shape_confusion"] == {"circle -> circle": 3, "ring -> circle": 1, "ring -> ring": 1}
+    assert "| heldout | 2 objects | 50.0% |" in table({"heldout": result})
+
+
+def test_the_evaluation_runs_on_a_training_run_folder_and_refuses_other_folders(tmp_path, capsys):
+    from specdiff.reference.evaluate import main as evaluate
+    from specdiff.reference.train import main as train
+
+    run = tmp_path / "run"
+    train(["--style", "v2", "--out", str(run), "--steps", "1", "--batch-size", "2", "--layers", "1"])
+    results = evaluate(["--model", str(run), "--num-prompts", "3", "--steps", "2", "--out", str(tmp_path / "e.json")])
+    assert set(results) == {"train", "heldout"}
+    assert set(results["heldout"]["rows"]) == {"all", "1 object", "2 objects", "3 objects"}
+    assert "| train | all |" in capsys.readouterr().out and (tmp_path / "e.json").exists()
+    with pytest.raises(SystemExit, match="--model"):
+        evaluate(["--model", str(tmp_path), "--num-prompts", "1"])

@@ -24,7 +24,7 @@ from specdiff.reference.scenes import Scene, SceneObject
 ATTRIBUTES = ("background", "colour", "shape", "size", "position")
 
 
-def _match(asked: Scene, seen: Scene) -> list[SceneObject | None]:
+def match_objects(asked: Scene, seen: Scene) -> list[SceneObject | None]:
     """For each asked object, the seen object it is matched with (None: nothing there)."""
     free = list(seen.objects)
     matches: list[SceneObject | None] = [None] * len(asked.objects)
@@ -51,7 +51,7 @@ def strict_hits(asked: Scene, seen: Scene) -> dict:
     background = int(asked.background == seen.background)
     hits["background"].append(background)
     exact = bool(background)
-    for obj, match in zip(asked.objects, _match(asked, seen)):
+    for obj, match in zip(asked.objects, match_objects(asked, seen)):
         right = {
             "colour": match is not None and match.colour == obj.colour,
             "shape": match is not None and match.shape == obj.shape,
@@ -63,7 +63,7 @@ def strict_hits(asked: Scene, seen: Scene) -> dict:
         for name in named:
             hits[name].append(int(right[name]))
         exact &= match is not None and all(right[n] for n in named)
-    unasked = len(seen.objects) - sum(m is not None for m in _match(asked, seen))
+    unasked = len(seen.objects) - sum(m is not None for m in match_objects(asked, seen))
     return {"hits": hits, "unasked": unasked, "exact": int(exact and unasked == 0)}
 
 
