@@ -53,7 +53,13 @@ class SceneTextEncoder:
 
             kept = json.loads((path / TOKEN_IDS_FILE).read_text())
             self.model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
-            self.model.load_state_dict({k: v.float() for k, v in load_file(path / "model.safetensors").items()})
+            weights = {k: v.float() for k, v in load_file(path / "model.safetensors").items()}
+            # not strict: transformers versions differ in which buffers (position ids) a state dict holds
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            missing = [k for k in missing if k in dict(self.model.named_parameters())]
+            if missing or unexpected:
+                raise ValueError(f"text encoder folder {path}: weights do not fit its config "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
             self.row_of_id = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
             self.row_of_id[torch.tensor(kept)] = torch.arange(len(kept))
         else:
