@@ -113,8 +113,8 @@ def model_overrides(args) -> dict:
 
 
 class SceneBatches(torch.utils.data.IterableDataset):
-    """Rendered training batches from `start` on, batch k drawn from random.Random((seed, k)): the same data for
-    any number of worker processes, and a resumed run continues the stream from its step."""
+    """Rendered training batches from `start` on, batch k drawn from its own seed (f"{seed}:{k}"): the same data
+    for any number of worker processes, and a resumed run continues the stream from its step."""
 
     def __init__(self, style, batch_size: int, seed: int, start: int):
         self.style, self.batch_size, self.seed, self.start = style, batch_size, seed, start
@@ -130,7 +130,7 @@ class SceneBatches(torch.utils.data.IterableDataset):
             step += workers
 
 
-def batch_stream(args, style, data_rng: random.Random, step: int):
+def batch_stream(args, style, data_rng: random.Random, step: int, device: torch.device):
     """(images, masks, captions) per step: one seeded stream in this process, or --workers processes."""
     if args.workers <= 0:
         while True:
@@ -138,7 +138,7 @@ def batch_stream(args, style, data_rng: random.Random, step: int):
             yield torch.from_numpy(images), torch.from_numpy(masks), captions
     loader = torch.utils.data.DataLoader(
         SceneBatches(style, args.batch_size, args.seed, step), batch_size=None, num_workers=args.workers,
-        prefetch_factor=4, pin_memory=torch.cuda.is_available())
+        prefetch_factor=4, pin_memory=device.type == "cuda")
     yield from loader
 
 
@@ -195,9 +195,10 @@ def main(argv=None) -> None:
         model.load_state_dict(weights)
         ema.load_state_dict(weights)
         print(f"starting from the weights in {args.init_from}")
+    resumed, state = state is not None, None  # the checkpoint's tensors are not kept through training
     model.to(device)
     ema.to(device)
-    if state is not None:  # the optimizer state was loaded on the CPU
+    if resumed:  # the optimizer state was loaded on the CPU
         for value in opt.state.values():
             for key, tensor in value.items():
                 if torch.is_tensor(tensor) and key != "step":
@@ -218,7 +219,7 @@ def main(argv=None) -> None:
     started = time.time() - (0.0 if new_log else last_logged_seconds(log_path))  # a resumed run keeps counting
     invoked = time.time()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    batches = batch_stream(args, style, data_rng, step)
+    batches = batch_stream(args, style, data_rng, step, device)
     bar = tqdm(total=args.steps, initial=step, desc="training", smoothing=0.05)
     while step < args.steps:
         time_used = time.time() - invoked
