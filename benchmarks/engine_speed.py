@@ -153,6 +153,34 @@ def call_flops(model, fn) -> tuple[int, int]:
 
 
 
+def call_ops(model, fn) -> tuple[int, float]:
+    """Kernel-launching operators of one call (ATen operators that are not views), outside the blocks and per
+    block: on a GPU each launches at least one kernel, so a launch-bound call's time follows this count."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    blocks = [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(model, name, [])]
+
+    class Count(TorchDispatchMode):
+        inside, counts = False, [0, 0]  # outside, inside the blocks
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.counts[self.inside] += 1
+            return func(*args, **(kwargs or {}))
+
+    mode = Count()
+    mode.counts = [0, 0]
+    hooks = [blocks[0].register_forward_pre_hook(lambda *a: setattr(mode, "inside", True)),
+             blocks[-1].register_forward_hook(lambda *a: setattr(mode, "inside", False))]
+    try:
+        with mode:
+            fn()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return mode.counts[0], mode.counts[1] / len(blocks)
+
+
 def measure_calls(args) -> list[dict]:
     """Per method the median dense and sparse call: wall-clock and process CPU time, whole call and
     blocks, and their ratios to the stock call against the FLOPs ratios."""
@@ -200,11 +228,17 @@ def measure_calls(args) -> list[dict]:
                     measured[name]["dense"] += dense
                     measured[name]["sparse"] += sparse
         flops = {"stock": call_flops(model, lambda: call(model, 0, steps))}
+        # compiled blocks run fused kernels that no dispatch mode sees: operators are counted eager only
+        ops = {} if args.compile else {"stock": call_ops(model, lambda: call(model, 0, steps))}
         for name, cfg in methods[1:]:
-            with specdiff.accelerated(model, cfg, num_inference_steps=steps):
-                call(model, 0, steps)
-                call(model, 1, steps)
-                flops[name] = call_flops(model, lambda: call(model, 2, steps))
+            # each count in its own generation: a call repeating a timestep starts a new one (dense)
+            for counts, count in ((flops, call_flops), (ops, call_ops) if ops else (None, None)):
+                if counts is None:
+                    continue
+                with specdiff.accelerated(model, cfg, num_inference_steps=steps):
+                    call(model, 0, steps)
+                    call(model, 1, steps)
+                    counts[name] = count(model, lambda: call(model, 2, steps))
     stock = {k: statistics.median(r[k] for r in measured["stock"]["dense"]) for k in ("wall", "cpu", "blocks_wall", "blocks_cpu")
              if measured["stock"]["dense"][0][k] is not None}
     rows = []
@@ -216,6 +250,8 @@ def measure_calls(args) -> list[dict]:
                "ms_wall": 1000 * median["wall"]}
         if "host" in calls[0]:
             row["ms_host"] = 1000 * statistics.median(r["host"] for r in calls)
+        if ops:
+            row["ops_outside_blocks"], row["ops_per_block"] = ops[name]
         for kind in stock:
             ratio = stock[kind] / median[kind]
             row[f"efficiency_{kind}"] = ratio / (block_flops_ratio if kind.startswith("blocks") else flops_ratio)
@@ -282,13 +318,16 @@ def calls_table(rows, args) -> str:
     head = (f"{args.preset} per-block shapes, random weights: {args.blocks} blocks, {p['image_side'] ** 2} image + "
             f"{p['text_tokens']} text tokens, batch {p['batch']}, {args.dtype}, {device}"
             + (", blocks compiled" if args.compile else "") + f"; medians over {args.repeats} rounds x {args.calls} calls\n\n")
-    cpu, host = "efficiency_cpu" in rows[0], "ms_host" in rows[0]
+    cpu, host, ops = "efficiency_cpu" in rows[0], "ms_host" in rows[0], "ops_per_block" in rows[0]
     lines = ["| method | calls | ms / call |" + (" host ms to launch |" if host else "")
+             + (" operators outside blocks | operators per block |" if ops else "")
              + " FLOPs ratio (call) | FLOPs ratio (blocks) | efficiency, call, wall | "
              "efficiency, blocks, wall |" + (" efficiency, call, CPU time | efficiency, blocks, CPU time |" if cpu else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if host else "") + ("---|---|" if cpu else "")]
+             "|---|---|---|---|---|---|---|" + ("---|" if host else "") + ("---|---|" if ops else "")
+             + ("---|---|" if cpu else "")]
     for r in rows:
         line = (f"| {r['method']} | {r['calls']} | {r['ms_wall']:.1f} |" + (f" {r['ms_host']:.1f} |" if host else "")
+                + (f" {r['ops_outside_blocks']} | {r['ops_per_block']:.1f} |" if ops else "")
                 + f" {r['flops_ratio']:.2f}x | {r['block_flops_ratio']:.2f}x | "
                 f"{100 * r['efficiency_wall']:.0f} % | {100 * r['efficiency_blocks_wall']:.0f} % |")
         if cpu:
@@ -297,7 +336,9 @@ def calls_table(rows, args) -> str:
     return head + "\n".join(lines) + ("\n\nefficiency = (stock time / method time) / (stock FLOPs / method FLOPs): "
                                        "100 % turns the whole FLOPs cut into time; sparse calls for the specdiff rows"
                                        + ("; host ms to launch: the host's time to issue the call, which bounds "
-                                          "the call's time when it nears ms / call" if host else ""))
+                                          "the call's time when it nears ms / call" if host else "")
+                                       + ("; operators: ATen operators that are not views, each at least one "
+                                          "kernel launch on a GPU (counted eager, one call)" if ops else ""))
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

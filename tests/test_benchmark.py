@@ -295,6 +295,9 @@ def test_per_call_engine_benchmark_runs_at_tiny_size(preset, tmp_path, capsys):
     # untapped calls skip the attention taps: fewer FLOPs than tapped ones at the same ratio
     assert by["specdiff 0.9 untapped"]["flops_ratio"] > by["specdiff 0.9 tapped"]["flops_ratio"]
     assert all(r["calls"] == 2 for r in rows[1:]) and all(r["ms_wall"] > 0 for r in rows)
+    # operators counted on a sparse call: taps add operators in every block, planning adds them outside
+    assert by["specdiff 0.9 tapped"]["ops_per_block"] > by["specdiff 0.9 untapped"]["ops_per_block"] >= by["stock"]["ops_per_block"] > 10
+    assert by["specdiff 0.9 untapped"]["ops_outside_blocks"] > by["stock"]["ops_outside_blocks"]
     assert len(json.loads((tmp_path / "calls.json").read_text())["rows"]) == 5
     assert "efficiency" in capsys.readouterr().out
 
