@@ -10,8 +10,8 @@
 # Tiny test on a CPU: DEVICE=cpu MINUTES=0.3 LAYERS=1 BATCH=2 WORKERS=1 OUT=/tmp/o bash scripts/gpu_train_v2.sh
 set -euo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
-DEVICE=${DEVICE:-cuda} MINUTES=${MINUTES:-6} LAYERS=${LAYERS:-8} HEADS=${HEADS:-3} BATCH=${BATCH:-128}
-WORKERS=${WORKERS:-12} LR=${LR:-1e-3} RUN=${RUN:-/tmp/gpu-run}
+DEVICE=${DEVICE:-cuda} MINUTES=${MINUTES:-6} LAYERS=${LAYERS:-8} HEADS=${HEADS:-3} BATCH=${BATCH:-256}
+WORKERS=${WORKERS:-14} LR=${LR:-1e-3} RUN=${RUN:-/tmp/gpu-run}
 if ! python3 -c "import diffusers" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
