@@ -161,7 +161,9 @@ def call_ops(model, fn) -> tuple[int, float]:
     blocks = [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(model, name, [])]
 
     class Count(TorchDispatchMode):
-        inside, counts = False, [0, 0]  # outside, inside the blocks
+        def __init__(self):
+            super().__init__()
+            self.inside, self.counts = False, [0, 0]  # counts: outside, inside the blocks
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if not func.is_view:
@@ -169,7 +171,6 @@ def call_ops(model, fn) -> tuple[int, float]:
             return func(*args, **(kwargs or {}))
 
     mode = Count()
-    mode.counts = [0, 0]
     hooks = [blocks[0].register_forward_pre_hook(lambda *a: setattr(mode, "inside", True)),
              blocks[-1].register_forward_hook(lambda *a: setattr(mode, "inside", False))]
     try:
@@ -232,9 +233,7 @@ def measure_calls(args) -> list[dict]:
         ops = {} if args.compile else {"stock": call_ops(model, lambda: call(model, 0, steps))}
         for name, cfg in methods[1:]:
             # each count in its own generation: a call repeating a timestep starts a new one (dense)
-            for counts, count in ((flops, call_flops), (ops, call_ops) if ops else (None, None)):
-                if counts is None:
-                    continue
+            for counts, count in [(flops, call_flops)] + ([(ops, call_ops)] if ops else []):
                 with specdiff.accelerated(model, cfg, num_inference_steps=steps):
                     call(model, 0, steps)
                     call(model, 1, steps)

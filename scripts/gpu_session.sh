@@ -10,12 +10,7 @@
 set -uo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 TRAIN_MINUTES=${TRAIN_MINUTES:-4}
-if ! python3 -c "import diffusers" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 if [ -n "${TINY:-}" ]; then
     TRAIN_ENV="DEVICE=cpu LAYERS=1 BATCH=2 WORKERS=1" TRAIN_MINUTES=0.2

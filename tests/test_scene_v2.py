@@ -250,7 +250,7 @@ def test_the_compact_text_encoder_is_minilm_in_fp16_for_captions_and_refuses_oth
 
 
 def test_the_breakdown_scores_each_object_count_and_counts_shapes_asked_against_shapes_read():
-    from specdiff.reference.evaluate import breakdown, table
+    from specdiff.evaluation.breakdown import breakdown, table
 
     one = Scene("white", (RED_CIRCLE,))
     two = Scene("white", (RED_CIRCLE, BLUE_RING))
@@ -264,7 +264,7 @@ def test_the_breakdown_scores_each_object_count_and_counts_shapes_asked_against_
 
 
 def test_the_evaluation_runs_on_a_training_run_folder_and_refuses_other_folders(tmp_path, capsys):
-    from specdiff.reference.evaluate import main as evaluate
+    from specdiff.evaluation.breakdown import main as evaluate
     from specdiff.reference.train import main as train
 
     run = tmp_path / "run"

@@ -56,7 +56,8 @@ class SceneTextEncoder:
             weights = {k: v.float() for k, v in load_file(path / "model.safetensors").items()}
             # not strict: transformers versions differ in which buffers (position ids) a state dict holds
             missing, unexpected = self.model.load_state_dict(weights, strict=False)
-            missing = [k for k in missing if k in dict(self.model.named_parameters())]
+            parameters = {name for name, _ in self.model.named_parameters()}
+            missing = [k for k in missing if k in parameters]
             if missing or unexpected:
                 raise ValueError(f"text encoder folder {path}: weights do not fit its config "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

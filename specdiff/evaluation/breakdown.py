@@ -4,8 +4,8 @@
 model's next change can aim at its real failure (memorising pairs? binding attributes to objects
 in busy scenes? drawing a shape at all?):
 
-    python -m specdiff.reference.evaluate --model embedded-v2 --num-prompts 48 --threads 2
-    python -m specdiff.reference.evaluate --model runs/scene-v2          # a training run's EMA weights
+    python -m specdiff.evaluation.breakdown --model embedded-v2 --num-prompts 48 --threads 2
+    python -m specdiff.evaluation.breakdown --model runs/scene-v2          # a training run's EMA weights
 
 Both prompt sets are the stratified ones of the benchmark (equal thirds of 1-, 2- and 3-object
 scenes); prompt i uses seed i. Read by the style's checker.
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from specdiff.evaluation.benchmark import generate_images
 from specdiff.reference.alignment import match_objects, strict_accuracy
 from specdiff.reference.scenes import SHAPES, Scene, held_out_prompts, training_prompts
 
@@ -28,13 +29,10 @@ COLUMNS = ("exact_scene", "background", "colour", "shape", "size", "position", "
 
 
 def generate(pipe, scenes: list[Scene], steps: int, batch_size: int) -> torch.Tensor:
-    images = []
-    for start in range(0, len(scenes), batch_size):
-        batch = scenes[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(start + i) for i in range(len(batch))]
-        images.append(pipe([s.caption() for s in batch], num_inference_steps=steps, generator=generators,
-                           output_type="pt").images)
-    return torch.cat(images)
+    """Prompt i with seed i, in batches (the benchmark's seeded generation)."""
+    captions = [s.caption() for s in scenes]
+    return torch.cat([generate_images(pipe, captions[i : i + batch_size], range(i, min(i + batch_size, len(scenes))),
+                                      steps, {}, torch.device("cpu"))[0] for i in range(0, len(scenes), batch_size)])
 
 
 def breakdown(asked: list[Scene], seen: list[Scene]) -> dict:
@@ -68,19 +66,23 @@ def table(results: dict) -> str:
 
 
 def load_model(model: str, temp: Path):
-    """A model folder, `embedded-v2`, or a training run folder (its checkpoint's EMA weights)."""
-    from specdiff.reference.pipeline import WEIGHTS_V2_DIR, load_scene_pipeline
+    """A scene model folder, `embedded-v2`, or a training run folder (its checkpoint's EMA weights)."""
+    from specdiff.loading import ModelLoadError, load_pipeline
+    from specdiff.reference.pipeline import ScenePipeline
 
-    folder = WEIGHTS_V2_DIR if model == "embedded-v2" else Path(model)
-    if (folder / "checkpoint.pt").is_file():
+    if (Path(model) / "checkpoint.pt").is_file():
         from specdiff.reference.train import export_checkpoint
 
-        export_checkpoint(folder / "checkpoint.pt", temp / "model")
-        folder = temp / "model"
-    if not (folder / "transformer").is_dir():
-        raise SystemExit(f"evaluate: error: --model {model}: not a scene model folder, a training run folder "
-                         "or embedded-v2")
-    return load_scene_pipeline(folder)
+        export_checkpoint(Path(model) / "checkpoint.pt", temp / "model")
+        model = str(temp / "model")
+    try:
+        pipe, _ = load_pipeline(model, "cpu", "float32")
+    except ModelLoadError as error:
+        raise SystemExit(f"breakdown: error: {error}") from None
+    if not isinstance(pipe, ScenePipeline):
+        raise SystemExit(f"breakdown: error: --model {model} is not a scene model (embedded-v2, a scene model "
+                         "folder or a training run folder)")
+    return pipe
 
 
 def main(argv=None) -> dict:
@@ -94,7 +96,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     for name in ("num_prompts", "steps", "batch_size"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"evaluate: error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise SystemExit(f"breakdown: error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from specdiff.reference.checker import load_checker, read_images
