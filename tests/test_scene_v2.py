@@ -221,6 +221,7 @@ def test_a_larger_model_trains_with_workers_stops_on_its_time_budget_and_exports
 @pytest.mark.parametrize("flags, field", [
     (["--workers", "-1"], "--workers"), (["--layers", "0"], "--layers"), (["--minutes", "0"], "--minutes"),
     (["--lr-decay", "cosine", "--decay-start", "5", "--steps", "5"], "--decay-start"),
+    (["--object-margin", "-2"], "--object-margin"),
 ])
 def test_training_refuses_bad_numbers_in_one_line_before_any_work(tmp_path, flags, field):
     from specdiff.reference.train import main as train
@@ -228,6 +229,20 @@ def test_training_refuses_bad_numbers_in_one_line_before_any_work(tmp_path, flag
     with pytest.raises(SystemExit, match=field):
         train(["--style", "v2", "--out", str(tmp_path / "run")] + flags)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_object_margin_weights_a_rings_hole_and_edge_but_not_the_far_background():
+    from specdiff.reference.train import loss_weight
+
+    ring = Scene("white", (SceneObject("red", "ring", "small", "center"),))
+    _, mask = scenes.render(ring, random.Random(0), 0.0, with_mask=True, style=V2)
+    masks = torch.from_numpy(mask)[None]
+    centre, corner = V2.image_size // 2, (0, 0)
+    plain, margin = loss_weight(masks, 4.0, 0), loss_weight(masks, 4.0, 4)
+    assert plain[0, 0, centre, centre] == 1.0 and margin[0, 0, centre, centre] == 5.0  # the hole
+    assert margin[0, 0, corner[0], corner[1]] == plain[0, 0, corner[0], corner[1]] == 1.0
+    assert torch.equal(plain[0, 0] > 1, masks[0] > 0)  # no margin: the object's own pixels, as before
+    assert (margin > 1).sum() > 2 * (plain > 1).sum()
 
 
 def test_the_compact_text_encoder_is_minilm_in_fp16_for_captions_and_refuses_other_words(tmp_path):

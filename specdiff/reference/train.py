@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from specdiff.reference.model import build_transformer, transformer_config
@@ -41,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--object-weight", type=float, default=4.0, help="extra loss weight on object pixels")
+    p.add_argument("--object-margin", type=int, default=0, metavar="PX",
+                   help="give the extra weight also to pixels within PX of an object (its edge, a ring's hole), "
+                        "where a blob and the asked shape differ")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -74,7 +78,7 @@ def parse_args(argv=None):
 def check_args(args) -> None:
     """One-line errors for numbers out of range, before any work."""
     for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 1), ("save_every", 1), ("layers", 1), ("heads", 1),
-                      ("workers", 0), ("decay_start", 0)):
+                      ("workers", 0), ("decay_start", 0), ("object_margin", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise SystemExit(f"train: error: --{name.replace('_', '-')} must be >= {low}, got {value}")
@@ -140,6 +144,14 @@ def batch_stream(args, style, data_rng: random.Random, step: int, device: torch.
         SceneBatches(style, args.batch_size, args.seed, step), batch_size=None, num_workers=args.workers,
         prefetch_factor=4, pin_memory=device.type == "cuda")
     yield from loader
+
+
+def loss_weight(masks: torch.Tensor, object_weight: float, margin: int) -> torch.Tensor:
+    """(B, S, S) object masks -> (B, 1, S, S) per-pixel loss weights: 1 + object_weight on objects and their margin."""
+    region = masks.float().unsqueeze(1)
+    if margin:
+        region = F.max_pool2d(region, 2 * margin + 1, stride=1, padding=margin)
+    return 1.0 + object_weight * region
 
 
 def logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -227,7 +239,7 @@ def main(argv=None) -> None:
             break
         images, masks, captions = next(batches)
         x0 = images.to(device, non_blocking=True)
-        weight = 1.0 + args.object_weight * masks.unsqueeze(1).to(device, non_blocking=True)
+        weight = loss_weight(masks.to(device, non_blocking=True), args.object_weight, args.object_margin)
         tokens, pooled = encoder(captions)
         # Random draws stay on the CPU generator (same numbers on any device), then move.
         drop = (torch.rand(args.batch_size, generator=gen) < args.caption_dropout).to(device)
