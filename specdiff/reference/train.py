@@ -370,7 +370,8 @@ def export_checkpoint(checkpoint: Path, folder: Path) -> None:
     if log.exists():
         (folder / "training").mkdir(exist_ok=True)
         rows = log.read_text().splitlines()
-        kept = rows[: 1 + state["step"]]  # the log can run ahead of the last checkpoint
+        # the log can run ahead of the last checkpoint, and need not start at step 1
+        kept = rows[:1] + [row for row in rows[1:] if int(row.split(",", 1)[0]) <= state["step"]]
         (folder / "training" / "loss.csv").write_text("\n".join(kept) + "\n")
         plot_loss(folder / "training" / "loss.csv", folder / "training" / "loss.png")
         shutil.copy(checkpoint.parent / "args.json", folder / "training" / "args.json")
