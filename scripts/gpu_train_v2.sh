@@ -11,13 +11,13 @@
 set -euo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 DEVICE=${DEVICE:-cuda} MINUTES=${MINUTES:-6} LAYERS=${LAYERS:-8} HEADS=${HEADS:-3} BATCH=${BATCH:-256}
-WORKERS=${WORKERS:-14} LR=${LR:-1e-3} RUN=${RUN:-/tmp/gpu-run}
+WORKERS=${WORKERS:-14} LR=${LR:-1e-3} RUN=${RUN:-/tmp/gpu-run} MARGIN=${MARGIN:-4}
 source scripts/gpu_env.sh
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 rm -rf "$RUN" /tmp/gpu-export
 python3 -m specdiff.reference.train --style v2 --out "$RUN" --device "$DEVICE" --precision bf16 --layers "$LAYERS" \
     --heads "$HEADS" --batch-size "$BATCH" --workers "$WORKERS" --lr "$LR" --lr-decay cosine --minutes "$MINUTES" \
-    --steps 100000000 --save-every 100000000 --text-encoder .gpu/minilm 2> /tmp/train-progress.log || { tail -c 2000 /tmp/train-progress.log; exit 1; }
+    --steps 100000000 --save-every 100000000 --object-margin "$MARGIN" --text-encoder .gpu/minilm 2> /tmp/train-progress.log || { tail -c 2000 /tmp/train-progress.log; exit 1; }
 tail -c 400 /tmp/train-progress.log; echo
 python3 -m specdiff.reference.train --out "$RUN" --loss-summary "$RUN/loss.csv" | tee "$OUT/loss-summary.txt"
 python3 -m specdiff.reference.train --out "$RUN" --export /tmp/gpu-export
