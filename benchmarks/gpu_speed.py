@@ -12,7 +12,8 @@ for FLUX), the VAE a small one with the real latent channels and 8x downsampling
 code runs at 1024 x 1024 px, 28 steps. Methods run interleaved, one generation each per round, after a
 warm-up round, which also counts each method's transformer FLOPs (FlopCounterMode); each generation
 timed with CUDA events; peak memory is torch.cuda.max_memory_allocated. --compile compiles the blocks
-(specdiff.compile_blocks) after the FLOP count, for stock and every method alike.
+(specdiff.compile_blocks) after the FLOP count, for stock and every method alike; a method during whose
+generations dynamo hit its recompile limit (a block then runs eager) is marked in the table, not hidden.
 A budget guard stops adding rounds once --budget-minutes is spent (at least one timed round). Prints one
 JSON line per method and a Markdown table; --out also writes them.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -100,6 +102,28 @@ def tiny_pipeline(model: str):
     return pipe, dict(height=64, width=64)
 
 
+class RecompileLimitWatch(logging.Handler):
+    """Counts dynamo's "hit config.recompile_limit" warnings: after one, the code object that hit it runs
+    eager for every call its compiled variants do not match, so a compiled timing is no longer one."""
+
+    LOGGER = "torch._dynamo.convert_frame"
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.hits = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "recompile_limit" in record.getMessage():
+            self.hits += 1
+
+    def __enter__(self) -> "RecompileLimitWatch":
+        logging.getLogger(self.LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger(self.LOGGER).removeHandler(self)
+
+
 def _method(name: str):
     from specdiff.evaluation.methods import MethodSpec, parse_method
     from specdiff.policies.full import FullComputeConfig
@@ -121,24 +145,32 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
     call = dict(call, num_inference_steps=args.steps, output_type="latent" if args.latents else "pil")
     methods = [_method(name) for name in args.methods]
 
+    limit_hits = {m.label: 0 for m in methods}
+
     def generate(spec, count_flops: bool = False) -> tuple[float, int]:
-        with spec.active(pipe):
-            if count_flops:  # the warm-up generation, run under the FLOP counter (it runs the same kernels)
-                return count_module_flops(lambda: pipe("a red fox in the snow",
-                                                       generator=torch.Generator().manual_seed(0), **call),
-                                          pipe.transformer)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            tic = time.perf_counter()
-            pipe("a red fox in the snow", generator=torch.Generator().manual_seed(0), **call)
-            if cuda:
-                end.record()
-                torch.cuda.synchronize()
-                return start.elapsed_time(end) / 1000, torch.cuda.max_memory_allocated(device)
-            return time.perf_counter() - tic, 0
+        with spec.active(pipe), RecompileLimitWatch() as watch:
+            try:
+                return _generate(spec, count_flops)
+            finally:
+                limit_hits[spec.label] += watch.hits
+
+    def _generate(spec, count_flops: bool) -> tuple[float, int]:
+        if count_flops:  # the warm-up generation, run under the FLOP counter (it runs the same kernels)
+            return count_module_flops(lambda: pipe("a red fox in the snow",
+                                                   generator=torch.Generator().manual_seed(0), **call),
+                                      pipe.transformer)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        tic = time.perf_counter()
+        pipe("a red fox in the snow", generator=torch.Generator().manual_seed(0), **call)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000, torch.cuda.max_memory_allocated(device)
+        return time.perf_counter() - tic, 0
 
     times = {m.label: [] for m in methods}
     peaks = {m.label: 0 for m in methods}
@@ -169,7 +201,9 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
             "flops_ratio_vs_stock": flops["stock"] / flops[m.label] if flops[m.label] else None,
             "peak_memory_gib": peaks[m.label] / 2**30 if cuda else None,
             "peak_vs_stock": peaks[m.label] / peaks["stock"] if cuda and peaks["stock"] else None,
-            "rounds": rounds, "steps": args.steps,
+            "rounds": rounds, "steps": args.steps, "recompile_limit_hits": limit_hits[m.label],
+            # after a hit the code object runs eager wherever its variants miss, for every method that follows
+            "compiled_timing_valid": (sum(limit_hits.values()) == 0) if args.compile else None,
         })
     pipe = None  # free the model before the next one is built
     if cuda:
@@ -187,7 +221,9 @@ def table(rows, device_name: str) -> str:
         ratio = f"{r['peak_vs_stock']:.3f}" if r["peak_vs_stock"] is not None else "-"
         fr = r["flops_ratio_vs_stock"]
         flops = f"{fr:.2f}x | {r['speedup_vs_stock'] / fr:.0%}" if fr else "- | -"
-        lines.append(f"| {r['model']} | {r['blocks']} | {r['method']} | {r['seconds_median']:.3f} | "
+        method = r["method"] + (" (recompile limit hit here)" if r.get("recompile_limit_hits") else "")
+        method += " (not valid: some blocks ran eager)" if r.get("compiled_timing_valid") is False else ""
+        lines.append(f"| {r['model']} | {r['blocks']} | {method} | {r['seconds_median']:.3f} | "
                      f"{r['speedup_vs_stock']:.2f}x | {flops} | {peak} | {ratio} | {r['rounds']} |")
     return "\n".join(lines)
 

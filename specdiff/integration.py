@@ -130,15 +130,18 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
     return obj
 
 
-def compile_blocks(obj, *, recompile_limit: int = 16, **compile_options) -> int:
+def compile_blocks(obj, *, recompile_limit: int = 64, **compile_options) -> int:
     """Regional compilation of the transformer's blocks, before or after `enable`: diffusers'
     `compile_repeated_blocks` where the model declares its blocks, else `torch.compile` per block
     (`compile_options` go to torch.compile). Returns the number of blocks compiled.
 
-    Token-level methods (SpecDiff, RAS, random) trace with no graph break; each block compiles a few
-    variants (dense / sparse step, taps on / off, CFG batch, a last block that differs), so dynamo's
-    recompile limit is raised to `recompile_limit` (never lowered). Block-level methods keep their
-    per-step decision outside the graph and compile each block's own forward.
+    Token-level methods (SpecDiff, RAS, random) trace with no graph break. Every block class shares
+    one code object, and so one recompile limit, across all methods run in the process: each method
+    adds a bounded set of variants (dense / sparse step, taps on / off, real / speculative pass, a
+    last block that differs; SpecDiff 10-15, the others 0-3, none per block or per step), so dynamo's
+    limit is raised to `recompile_limit` (never lowered); past it a block would silently run eager.
+    Block-level methods keep their per-step decision outside the graph and compile each block's own
+    forward.
     """
     transformer, _ = _transformer_of(obj)
     adapter_type = _adapter_for(transformer)

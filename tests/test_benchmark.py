@@ -335,3 +335,28 @@ def test_gpu_benchmark_builds_sd3_medium_shapes():
                                               max_sequence_length=call["max_sequence_length"])
     assert tuple(embeds.shape) == (1, 333, 4096) and tuple(pooled.shape) == (1, 2048)
     assert pipe.vae_scale_factor == 8 and call["height"] == 1024
+
+
+def test_gpu_speed_notices_when_dynamo_hits_its_recompile_limit():
+    """Past the limit dynamo runs the code eager without an error; the benchmark must see it."""
+    gpu_speed = _load_benchmark("gpu_speed")
+
+    def double(x):
+        return x * 2
+
+    compiled = torch.compile(double, backend="eager")
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+            with gpu_speed.RecompileLimitWatch() as within:
+                compiled(torch.ones(1))
+            with gpu_speed.RecompileLimitWatch() as past:
+                compiled(torch.ones(2))  # a second shape, no dynamic shapes: a recompile beyond the limit
+    finally:
+        torch._dynamo.reset()
+    assert within.hits == 0
+    assert past.hits == 1
+    row = dict(model="m", blocks=1, method="specdiff", seconds_median=1.0, speedup_vs_stock=1.0,
+               flops_ratio_vs_stock=2.0, peak_memory_gib=None, peak_vs_stock=None, rounds=1,
+               recompile_limit_hits=1, compiled_timing_valid=False)
+    assert "not valid" in gpu_speed.table([row], "cpu")

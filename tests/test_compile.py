@@ -98,3 +98,45 @@ def test_attention_context_fields_are_instance_values_not_class_attributes():
     assert fields, "no per-instance fields"
     shadowed = sorted(name for name in fields if name in vars(AttentionContext))
     assert not shadowed, f"class attributes shadow thread-local fields: {shadowed}"
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_every_method_in_one_process_stays_within_the_recompile_limit(family):
+    """Every method one after another on one compiled pipeline, as benchmarks/gpu_speed.py runs them. A
+    block class's code object has one recompile limit for all of them; past it dynamo silently runs the
+    block eager (on an H100 this made compiled FORA slower than eager). The variants must not grow with
+    the steps: FLUX picked its RoPE rows inside the block, keyed by tensor ids, and recompiled every step."""
+    from specdiff.policies.registry import POLICIES, config_for
+    from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    torch._dynamo.reset()
+    pipe = tiny_sd3_pipeline(layers=3) if family == "sd3" else tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def generate(steps=6):
+        return pipe("a red fox", num_inference_steps=steps, height=64, width=64, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    config = specdiff.SpecDiffConfig(warmup_steps=2, reset_steps=(), speculative_steps=1)
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a hit fails the test
+            with specdiff.accelerated(pipe, config):
+                plain = generate()
+            specdiff.compile_blocks(pipe, backend=backend)
+            generate()
+            for method in POLICIES:
+                with specdiff.accelerated(pipe, config_for(method)):
+                    generate()
+            with specdiff.accelerated(pipe, config):
+                compiled = generate()
+                before = len(graphs)
+                generate(steps=12)  # twice the steps, other token sets: nothing new to compile
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == before, f"{len(graphs) - before} graphs compiled for more steps of a known method"
+    torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@ charge. specdiff adds, on the one instance:
 - a forward hook on the family's output projection: the engine fills in the
   tokens that did not run (`end_step`) and the stock code un-patchifies the
   full grid;
+- where a family applies positions inside attention (FLUX's RoPE), a forward
+  hook on its position module: the rows of the tokens that run, once per step;
 - its attention processors (keys/values of all image tokens from the cache);
 - for block-level policies only, a diffusers `ModelHook` per block, so a
   policy can stand in for a block.
@@ -142,7 +144,8 @@ class _BlockHook:
         context = runtime.context
 
         def block(x, c, active=None):  # `active`: ToCa runs a subset of a dense step's tokens
-            return on_tokens(context, active, lambda: original(hidden_states=x, encoder_hidden_states=c, **arguments))
+            extra = arguments if active is None else self.adapter.block_arguments(arguments, active)
+            return on_tokens(context, active, lambda: original(hidden_states=x, encoder_hidden_states=c, **extra))
 
         return runtime.run_block(self.index, self.count, block, tokens, text)
 
@@ -153,6 +156,7 @@ class Adapter:
     model_types: tuple[type, ...] = ()
     embed_module = ""  # its output: the (B, N, D) image tokens
     head_module = ""  # its output: the (B, N, P) per-token outputs, before un-patchifying
+    position_module = ""  # optional; its output: positions applied inside attention (FLUX's RoPE), per token
     block_lists: tuple[str, ...] = ()  # block list attributes, in call order
     timestep_scale = 1.0  # the runtime's timesteps in the 0-1000 range of the summaries
     refused_arguments: dict[str, str] = {}  # forward argument -> what specdiff does not accelerate yet
@@ -198,6 +202,15 @@ class Adapter:
         """The family's attention processor for one layer; kv_slots: that layer's LayerKV per branch."""
         raise NotImplementedError
 
+    def positions_of(self, positions, active: torch.Tensor):
+        """The position_module's output for the image tokens `active` (B, n) only (and all text tokens)."""
+        raise NotImplementedError
+
+    def block_arguments(self, arguments: dict, active: torch.Tensor) -> dict:
+        """A block's other arguments when it runs only the image tokens `active` (ToCa): per-token ones
+        (positions) cut to those tokens. Default: nothing is per token."""
+        return arguments
+
     # -- hooks -----------------------------------------------------------------
     def _on_call(self, module, args, kwargs):
         arguments = self._signature.bind(module, *args, **kwargs).arguments
@@ -225,6 +238,14 @@ class Adapter:
         active = self.runtime.begin_step(timestep, tokens.shape[0], tokens.shape[1], tokens.device)
         return gather_tokens(tokens, active)
 
+    def _on_positions(self, module, args, positions):
+        # once per step, outside the compiled blocks: picked inside a block, every step's new token set
+        # would be a new guard, and the block would recompile every step
+        context = self.runtime.context
+        if not context.enabled or context.active is None:
+            return positions
+        return self.positions_of(positions, context.active)
+
     def _on_head(self, module, args, outputs):
         return self.runtime.end_step(outputs)
 
@@ -249,6 +270,8 @@ class Adapter:
             model.get_submodule(self.embed_module).register_forward_hook(self._on_embed),
             model.get_submodule(self.head_module).register_forward_hook(self._on_head),
         ]
+        if self.position_module:
+            self._handles.append(model.get_submodule(self.position_module).register_forward_hook(self._on_positions))
         if self.runtime.policy.block_level:
             from diffusers.hooks import HookRegistry
 

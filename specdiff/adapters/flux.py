@@ -31,6 +31,8 @@ def rope_rows(rope, text_len: int, active: torch.Tensor | None):
     """RoPE (cos, sin) rows of all text tokens and of the active image tokens, per batch row."""
     if active is None:
         return rope
+    if rope[0].dim() != 2:  # (B, S, D): already the rows of a subset of tokens
+        raise RuntimeError("RoPE rows were already picked for this step's tokens; cannot pick a subset of them")
     batch = active.shape[0]
     return tuple(
         torch.cat([t[:text_len].expand(batch, -1, -1), gather_tokens(t[text_len:].expand(batch, -1, -1), active)], 1)
@@ -42,9 +44,9 @@ class FluxTokenCachingProcessor:
     """FluxAttnProcessor's math, with image keys/values read from the engine's cache.
 
     Double blocks pass image and text separately; single blocks pass the
-    joint [text, image] sequence, split here at the text length. The stock
-    forward computes RoPE for every token; on a sparse step the rows of the
-    active image tokens are picked here. Attention goes through diffusers'
+    joint [text, image] sequence, split here at the text length. RoPE comes
+    in with the rows of the tokens that run (the adapter picks them once per
+    step, outside the compiled blocks). Attention goes through diffusers'
     dispatcher, so `set_attention_backend` is honoured.
     """
 
@@ -55,17 +57,6 @@ class FluxTokenCachingProcessor:
         self.context = context
         self.kv_slots = kv_slots
         self.tap_offset = torch.tensor(layer_index * 7919)  # where this layer's tap queries start
-
-    @staticmethod
-    def _rope(ctx, rope, text_len):
-        """RoPE rows of the tokens in this call: gathered once per step and token set, not per layer."""
-        active = ctx.active if ctx.enabled else None
-        if active is None:
-            return rope
-        key = (id(active), id(rope[0]), text_len)
-        if ctx.memo is None or ctx.memo[0] != key:
-            ctx.memo = (key, rope_rows(rope, text_len, active), active, rope)  # holding them keeps the ids valid
-        return ctx.memo[1]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         ctx = self.context
@@ -92,8 +83,8 @@ class FluxTokenCachingProcessor:
             tv = tv.unflatten(-1, (-1, attn.head_dim))
             q, k, v = torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1)
             text_len = encoder_hidden_states.shape[1]
-        if image_rotary_emb is not None:
-            cos, sin = self._rope(ctx, image_rotary_emb, text_len)
+        if image_rotary_emb is not None:  # the rows of this call's tokens: FluxAdapter picks them outside the blocks
+            cos, sin = image_rotary_emb
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
         if ctx.enabled and ctx.kv_branch >= 0:  # joint order [text, image]; image keys of every token on sparse steps
@@ -117,6 +108,7 @@ class FluxAdapter(Adapter):
     model_types = (FluxTransformer2DModel,)
     embed_module = "x_embedder"
     head_module = "proj_out"
+    position_module = "pos_embed"  # RoPE of every token, applied inside attention
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     timestep_scale = 1000.0  # FluxPipeline passes t / 1000
     refused_arguments = {"controlnet_block_samples": "ControlNet", "controlnet_single_block_samples": "ControlNet"}
@@ -128,3 +120,12 @@ class FluxAdapter(Adapter):
 
     def make_processor(self, kv_slots, layer_index: int):
         return FluxTokenCachingProcessor(self.runtime.context, kv_slots, layer_index)
+
+    def positions_of(self, positions, active: torch.Tensor):
+        return rope_rows(positions, self.runtime.context.text_length, active)
+
+    def block_arguments(self, arguments: dict, active: torch.Tensor) -> dict:
+        rope = arguments.get("image_rotary_emb")
+        if rope is None:
+            return arguments
+        return {**arguments, "image_rotary_emb": rope_rows(rope, self.runtime.context.text_length, active)}

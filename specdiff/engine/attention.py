@@ -45,7 +45,6 @@ class AttentionContext(threading.local):
         self.tap_seconds: float = 0.0  # host time spent in taps this step (counted as scoring)
         self.timestep: float = 0.0  # of the transformer call in progress
         self.text_length: int = 0  # text tokens of the call in progress
-        self.memo: tuple | None = None  # (key, value): a family's per-step derived tensor (e.g. FLUX's RoPE rows)
 
 
 @dataclasses.dataclass

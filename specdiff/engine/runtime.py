@@ -249,7 +249,6 @@ class Runtime:
         for slots in self.kv_slots:  # the caches are the largest per-generation tensors
             for slot in slots:
                 slot.keys = slot.values = None
-        self.context.memo = None
         self.context.active = None
         self.context.tap_sum = None
 
