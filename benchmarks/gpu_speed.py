@@ -146,13 +146,18 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
     methods = [_method(name) for name in args.methods]
 
     limit_hits = {m.label: 0 for m in methods}
+    graphs = {m.label: 0 for m in methods}  # compiled by dynamo during the method's generations
 
     def generate(spec, count_flops: bool = False) -> tuple[float, int]:
+        from torch._dynamo.utils import counters
+
+        before = counters["stats"]["unique_graphs"]
         with spec.active(pipe), RecompileLimitWatch() as watch:
             try:
                 return _generate(spec, count_flops)
             finally:
                 limit_hits[spec.label] += watch.hits
+                graphs[spec.label] += counters["stats"]["unique_graphs"] - before
 
     def _generate(spec, count_flops: bool) -> tuple[float, int]:
         if count_flops:  # the warm-up generation, run under the FLOP counter (it runs the same kernels)
@@ -202,6 +207,7 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
             "peak_memory_gib": peaks[m.label] / 2**30 if cuda else None,
             "peak_vs_stock": peaks[m.label] / peaks["stock"] if cuda and peaks["stock"] else None,
             "rounds": rounds, "steps": args.steps, "recompile_limit_hits": limit_hits[m.label],
+            "graphs_compiled": graphs[m.label] if args.compile else None,
             # after a hit the code object runs eager wherever its variants miss, for every method that follows
             "compiled_timing_valid": (sum(limit_hits.values()) == 0) if args.compile else None,
         })
