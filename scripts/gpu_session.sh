@@ -2,7 +2,8 @@
 # Everything a lent GPU should run, as one prepared call (at most 10 minutes; each stage has its own timeout, and
 # whatever a stage wrote under $OUT comes back even if a later one runs out of time):
 #   1. only with TRAIN_MINUTES > 0: embedded v2's larger configuration trained (issue 11)  -> $OUT/train/
-#      (session 8: 3.5 minutes gave 1 % exact scenes, far too few steps, so the speed stages get the time)
+#      (session 8: 3.5 minutes of the 8-block model from scratch gave 1 % exact scenes, far too few steps;
+#      next: INIT=specdiff/reference/weights_v2 LR=5e-4 TRAIN_MINUTES=3 continues the shipped model)
 #   2. whole SD3-medium generations with compiled blocks, token-level methods (issue 10) -> $OUT/speed/
 #   3. one compiled transformer call per method at SD3-medium's shapes (issue 10) -> $OUT/calls.json
 # device run: carry [".whl", ".gpu"], command "bash scripts/gpu_session.sh", timeout_s 600. Prepare .whl and .gpu
