@@ -101,12 +101,13 @@ class CallTimer:
 
     def __init__(self, model, device) -> None:
         self.cuda = torch.device(device).type == "cuda"
-        blocks = [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(model, name, [])]
         self._marks = {}
-        blocks[0].register_forward_pre_hook(lambda *a: self._mark("blocks_start"))
-        blocks[-1].register_forward_hook(lambda *a: self._mark("blocks_end"))
+        # marked on the modules just before and after the blocks, never on a block: a hook on a compiled
+        # block would break its graph and add host time to every method's calls
+        last_before = "pos_embed" if hasattr(model, "single_transformer_blocks") else "context_embedder"
+        model.get_submodule(last_before).register_forward_hook(lambda *a: self._mark("blocks_start"))
+        model.norm_out.register_forward_pre_hook(lambda *a: self._mark("blocks_end"))
 
-    @torch.compiler.disable  # the hooks run inside compiled blocks: a mark is never traced
     def _mark(self, name):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)

@@ -360,3 +360,24 @@ def test_gpu_speed_notices_when_dynamo_hits_its_recompile_limit():
                flops_ratio_vs_stock=2.0, peak_memory_gib=None, peak_vs_stock=None, rounds=1,
                recompile_limit_hits=1, compiled_timing_valid=False)
     assert "not valid" in gpu_speed.table([row], "cpu")
+
+
+def test_engine_speed_timer_does_not_break_compiled_blocks():
+    """The per-call timer marks the span of the blocks from the modules around them: a mark inside a
+    compiled block is a graph break that adds host time to every method's compiled calls."""
+    import torch._dynamo.utils as dynamo_utils
+
+    import specdiff
+
+    engine_speed = _load_benchmark("engine_speed")
+    torch._dynamo.reset()
+    for preset in ("tiny", "tiny-flux"):
+        model, call = engine_speed.build(engine_speed.PRESETS[preset], 2, torch.device("cpu"), torch.float32)
+        timer = engine_speed.CallTimer(model, "cpu")
+        specdiff.compile_blocks(model, backend="eager")
+        dynamo_utils.counters.clear()
+        with torch.inference_mode():
+            timed = timer(lambda: call(model, 1, 10))
+        assert sum(dynamo_utils.counters["graph_break"].values()) == 0, preset
+        assert 0 < timed["blocks_wall"] <= timed["wall"]
+    torch._dynamo.reset()
