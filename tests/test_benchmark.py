@@ -381,3 +381,9 @@ def test_engine_speed_timer_does_not_break_compiled_blocks():
         assert sum(dynamo_utils.counters["graph_break"].values()) == 0, preset
         assert 0 < timed["blocks_wall"] <= timed["wall"]
     torch._dynamo.reset()
+
+
+def test_tap_ab_compares_the_taps_with_an_earlier_commit():
+    tap_ab = _load_benchmark("tap_ab")
+    result = tap_ab.main(["--before", "HEAD", "--rounds", "3", "--active", "64"])  # it checks equal sums first
+    assert set(result) == {"before", "now"} and all(v > 0 for v in result.values())

@@ -128,17 +128,30 @@ def tap_attention(
     # the softmax and the sums in fp32, in chunks of heads and queries so that the fp32 weights stay under
     # the device's chunk size whatever tap_queries and the sequence length are
     batch, heads, count, _ = queries.shape
-    budget = TAP_CHUNK_ELEMENTS_CPU if keys.device.type == "cpu" else TAP_CHUNK_ELEMENTS
+    cpu = keys.device.type == "cpu"
+    budget = TAP_CHUNK_ELEMENTS_CPU if cpu else TAP_CHUNK_ELEMENTS
     per_query = batch * keys.shape[2]  # weights of one query of one head
     query_chunk = max(1, min(count, budget // per_query))
     head_chunk = max(1, min(heads, budget // (per_query * query_chunk)))
+    # on a CPU the chunks' logits and fp32 weights are written into two buffers kept for the layer's
+    # chunks, not allocated per chunk: 15-25 % off the taps (BENCHMARKS.md section 12)
+    buffers = None
+    if cpu and keys.dtype == torch.float32 and not torch.compiler.is_compiling():
+        size = batch * head_chunk * query_chunk * keys.shape[2]
+        buffers = (keys.new_empty(size), keys.new_empty(size))
     received = None
     for head in range(0, heads, head_chunk):
         head_keys = keys if head_chunk == heads else keys[:, head : head + head_chunk]
         head_queries = queries if head_chunk == heads else queries[:, head : head + head_chunk]
         for start in range(0, count, query_chunk):
             part = head_queries[:, :, start : start + query_chunk] * scale
-            weights = torch.softmax((part @ head_keys.transpose(-1, -2)).float(), dim=-1)
+            if buffers is None:
+                weights = torch.softmax((part @ head_keys.transpose(-1, -2)).float(), dim=-1)
+            else:
+                shape = (*part.shape[:-1], keys.shape[2])
+                numel = math.prod(shape)
+                logits = torch.matmul(part, head_keys.transpose(-1, -2), out=buffers[0][:numel].view(shape))
+                weights = torch.ops.aten._softmax.out(logits, -1, False, out=buffers[1][:numel].view(shape))
             summed = weights.sum(dim=(1, 2))[:, image_key_slice]
             received = summed if received is None else received + summed
     ctx.tap_sum.add_(received / heads)  # heads averaged, queries summed; the buffer is the step's (begin_step)
