@@ -63,10 +63,36 @@ def main(argv=None) -> dict:
                 tic = time.perf_counter()
                 taps(module)
                 seconds[name].append(time.perf_counter() - tic)
+    # the current path's parts, one head at a time into reused buffers (the CPU's chunks at these shapes)
+    queries = active[:, :, :: max(1, args.active // args.queries)][:, :, : args.queries] * head_dim**-0.5
+    shape = (batch, 1, queries.shape[2], keys.shape[2])
+    logits, weights = torch.empty(shape), torch.empty(shape)
+
+    def matmuls():
+        for head in range(heads):
+            torch.matmul(queries[:, head : head + 1], keys[:, head : head + 1].transpose(-1, -2), out=logits)
+
+    def softmaxes():
+        for _ in range(heads):
+            torch.ops.aten._softmax.out(logits, -1, False, out=weights)
+
+    def sums():
+        for _ in range(heads):
+            weights.sum(dim=(1, 2))
+
+    parts = {"logits matmuls": [], "fp32 softmaxes": [], "sums": []}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for name, fn in zip(parts, (matmuls, softmaxes, sums)):
+                tic = time.perf_counter()
+                fn()
+                parts[name].append(time.perf_counter() - tic)
     result = {name: 1000 * statistics.median(values[2:]) for name, values in seconds.items()}
+    result["parts"] = {name: 1000 * statistics.median(values[2:]) for name, values in parts.items()}
     print(f"one layer's taps, {args.queries} queries, {image + text} keys, {heads} heads, batch {batch}, fp32, "
           f"{torch.get_num_threads()} threads: before ({args.before}) {result['before']:.1f} ms, "
-          f"now {result['now']:.1f} ms (medians of {args.rounds - 2}, alternating order)")
+          f"now {result['now']:.1f} ms (medians of {args.rounds - 2}, alternating order); its parts, {heads} heads: "
+          + ", ".join(f"{name} {ms:.1f} ms" for name, ms in result["parts"].items()))
     return result
 
 

@@ -386,4 +386,15 @@ def test_engine_speed_timer_does_not_break_compiled_blocks():
 def test_tap_ab_compares_the_taps_with_an_earlier_commit():
     tap_ab = _load_benchmark("tap_ab")
     result = tap_ab.main(["--before", "HEAD", "--rounds", "3", "--active", "64"])  # it checks equal sums first
-    assert set(result) == {"before", "now"} and all(v > 0 for v in result.values())
+    assert set(result) == {"before", "now", "parts"} and result["before"] > 0 and result["now"] > 0
+    assert all(ms > 0 for ms in result["parts"].values())
+
+
+def test_compile_variants_counts_graphs_per_method():
+    compile_variants = _load_benchmark("compile_variants")
+    result = compile_variants.main(["--family", "sd3", "--layers", "2", "--steps", "6"])
+    try:
+        assert result["counts"]["stock"] >= 1 and result["counts"]["specdiff"] >= 1
+        assert result["total"] == sum(result["counts"].values())
+    finally:
+        torch._dynamo.reset()
