@@ -21,6 +21,8 @@ if [ -n "${TINY:-}" ]; then
 else
     TRAIN_ENV=""
     SPEED_ARGS="--compile --models sd3-medium --methods stock specdiff ras:cache_ratio=0.9 fora taylorseer --rounds 3 --budget-minutes 4"
+    # with training first, the speed stage gets less so that the whole call stays under 10 minutes
+    [ "$TRAIN_MINUTES" != 0 ] && SPEED_ARGS="--compile --models sd3-medium --methods stock specdiff ras:cache_ratio=0.9 fora --rounds 2 --budget-minutes 1.5"
     CALL_ARGS="--preset sd3-medium --device cuda --dtype bfloat16 --blocks 4 --calls 3 --compile"
 fi
 mkdir -p "$OUT/train" "$OUT/speed"
@@ -31,7 +33,7 @@ if [ "$TRAIN_MINUTES" != 0 ]; then
         bash scripts/gpu_train_v2.sh 2>&1 | grep -v "should be kept in float32" | tail -n 20
 fi
 echo "== 2. whole generations, compiled ($(( SECONDS - start )) s so far)"
-timeout 330 python3 benchmarks/gpu_speed.py $SPEED_ARGS --out "$OUT/speed" 2>&1 | grep -v "it/s\]" | tail -n 30
+timeout $([ "$TRAIN_MINUTES" != 0 ] && echo 180 || echo 330) python3 benchmarks/gpu_speed.py $SPEED_ARGS --out "$OUT/speed" 2>&1 | grep -v "it/s\]" | tail -n 30
 echo "== 3. one call per method, compiled ($(( SECONDS - start )) s so far)"
 timeout 150 python3 benchmarks/engine_speed.py $CALL_ARGS --out "$OUT/calls.json" 2>&1 | tail -n 30
 echo "== done in $(( SECONDS - start )) s"; ls -lR "$OUT"
