@@ -12,8 +12,9 @@ for FLUX), the VAE a small one with the real latent channels and 8x downsampling
 code runs at 1024 x 1024 px, 28 steps. Methods run interleaved, one generation each per round, after a
 warm-up round, which also counts each method's transformer FLOPs (FlopCounterMode); each generation
 timed with CUDA events; peak memory is torch.cuda.max_memory_allocated. --compile compiles the blocks
-(specdiff.compile_blocks) after the FLOP count, for stock and every method alike; a method during whose
-generations dynamo hit its recompile limit (a block then runs eager) is marked in the table, not hidden.
+(specdiff.compile_blocks) after the FLOP count, for stock and every method alike; if dynamo hits its
+recompile limit anywhere in the run (blocks then run eager for every method after it), every row is
+marked not valid in the table, and the method during which it happened is named.
 A budget guard stops adding rounds once --budget-minutes is spent (at least one timed round). Prints one
 JSON line per method and a Markdown table; --out also writes them.
 """
