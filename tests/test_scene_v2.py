@@ -290,3 +290,28 @@ def test_the_evaluation_runs_on_a_training_run_folder_and_refuses_other_folders(
     assert "| train | all |" in capsys.readouterr().out and (tmp_path / "e.json").exists()
     with pytest.raises(SystemExit, match="--model"):
         evaluate(["--model", str(tmp_path), "--num-prompts", "1"])
+
+
+@pytest.mark.parametrize("old, new", [(2, 3), (4, 7)])
+def test_a_deeper_model_starts_computing_what_the_shallower_one_did(old, new):
+    from specdiff.reference.model import build_transformer
+    from specdiff.reference.train import grow_depth
+
+    torch.manual_seed(0)
+    small = build_transformer(V2, num_layers=old)
+    for module in small.modules():  # diffusers zero-initialises nothing here, but make every gate matter
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    large = build_transformer(V2, num_layers=new)
+    large.load_state_dict(grow_depth(small.state_dict(), old, new))
+    gen = torch.Generator().manual_seed(1)
+    x, tokens, pooled = (torch.randn(shape, generator=gen) for shape in ((2, 3, 64, 64), (2, 40, 384), (2, 384)))
+    t = torch.tensor([300.0, 900.0])
+    with torch.no_grad():
+        expected = small(x, tokens, pooled, t).sample
+        grown = large(x, tokens, pooled, t).sample
+        other = build_transformer(V2, num_layers=new)(x, tokens, pooled, t).sample
+    torch.testing.assert_close(grown, expected, atol=1e-5, rtol=1e-5)
+    assert (other - expected).abs().mean() > 1e-2  # the comparison can fail
+    new_gates = large.transformer_blocks[1].norm1.linear.bias.detach()
+    assert new_gates.abs().sum() > 0  # the copy keeps its shifts and scales; only the gates are zero

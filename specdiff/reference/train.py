@@ -71,7 +71,9 @@ def parse_args(argv=None):
                         "specdiff.reference.text_encoder --export-compact DIR) on a machine without the package")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start a new run from a model folder's weights (e.g. the shipped one) with a fresh optimizer; "
-                        "a v1 (32 px, patch 2) folder also starts a v2 run, its patch layers spread over 4 x 4")
+                        "a v1 (32 px, patch 2) folder also starts a v2 run, its patch layers spread over 4 x 4; "
+                        "with --layers above the folder's, the new blocks start as copies whose output gates are "
+                        "zero, so the deeper model starts computing the same function")
     return p.parse_args(argv)
 
 
@@ -86,8 +88,8 @@ def check_args(args) -> None:
         raise SystemExit(f"train: error: --minutes must be > 0, got {args.minutes}")
     if args.lr_decay == "cosine" and args.decay_start >= args.steps:
         raise SystemExit(f"train: error: --decay-start ({args.decay_start}) must be below --steps ({args.steps})")
-    if args.init_from is not None and (args.layers is not None or args.heads is not None):
-        raise SystemExit("train: error: --init-from takes the size of the weights it starts from; drop --layers / --heads")
+    if args.init_from is not None and args.heads is not None:
+        raise SystemExit("train: error: --init-from takes the width of the weights it starts from; drop --heads")
 
 
 def last_logged_seconds(log_path: Path) -> float:
@@ -203,7 +205,11 @@ def main(argv=None) -> None:
 
         start = SD3Transformer2DModel.from_pretrained(args.init_from / "transformer", local_files_only=True,
                                                       use_safetensors=True, torch_dtype=torch.float32)
+        if args.layers is not None and args.layers < start.config.num_layers:
+            raise SystemExit(f"train: error: --layers {args.layers} is below the {start.config.num_layers} blocks "
+                             f"of {args.init_from}; --init-from can only add blocks")
         weights = adapt_patch_size(start.state_dict(), start.config.patch_size, model.config.patch_size)
+        weights = grow_depth(weights, start.config.num_layers, model.config.num_layers)
         model.load_state_dict(weights)
         ema.load_state_dict(weights)
         print(f"starting from the weights in {args.init_from}")
@@ -315,6 +321,41 @@ def adapt_patch_size(weights: dict, old: int, new: int) -> dict:
     source = (((p // k) * old + q // k) * channels + c).flatten()
     out["proj_out.weight"] = weights["proj_out.weight"][source]
     out["proj_out.bias"] = weights["proj_out.bias"][source]
+    return out
+
+
+def grow_depth(weights: dict, old: int, new: int) -> dict:
+    """Weights of an `old`-block SD3 transformer for a `new`-block one that computes the same function.
+
+    The last block (no text output) stays last; the others spread evenly over the new non-last places and
+    each gap gets a copy of the block before it with its output gates (attention and MLP, image and text)
+    zeroed, which makes the block an identity until training opens the gates.
+    """
+    if new == old:
+        return weights
+    if old < 2:
+        raise ValueError("growing needs a model with at least one block besides the last")
+    prefix = "transformer_blocks."
+    blocks = [{k[len(f"{prefix}{i}."):]: v for k, v in weights.items() if k.startswith(f"{prefix}{i}.")}
+              for i in range(old)]
+    placed = {round(j * (new - 1) / (old - 1)): j for j in range(old - 1)}
+    grown = []
+    for position in range(new - 1):
+        if position in placed:
+            grown.append(blocks[placed[position]])
+            continue
+        copy = {k: v.clone() for k, v in blocks[placed[max(p for p in placed if p < position)]].items()}
+        for norm in ("norm1.linear", "norm1_context.linear"):
+            for part in ("weight", "bias"):
+                tensor = copy[f"{norm}.{part}"]  # rows: shift, scale, gate of attention, then of the MLP
+                width = tensor.shape[0] // 6
+                tensor[2 * width : 3 * width] = 0
+                tensor[5 * width :] = 0
+        grown.append(copy)
+    grown.append(blocks[-1])
+    out = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+    for i, block in enumerate(grown):
+        out.update({f"{prefix}{i}.{k}": v for k, v in block.items()})
     return out
 
 
