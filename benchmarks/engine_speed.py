@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import statistics
 import time
@@ -197,19 +198,28 @@ def measure_calls(args) -> list[dict]:
     # one dense call, a second one when the score needs an observed change first, then the sparse calls
     steps = args.calls + 2
 
-    def config(ratio, tapped):
+    def config(ratio, tapped, **extra):
         # speculation off (it is dense calls at other timesteps); "change" needs no attention taps
         taps = {"tap_queries": args.tap_queries} if args.tap_queries else {}
         return specdiff.SpecDiffConfig(cache_ratio=ratio, speculative_steps=0, warmup_steps=1, reset_steps=(),
-                                       **(taps if tapped else {"importance": "change"}))
+                                       **(taps if tapped else {"importance": "change"}), **extra)
 
-    # an older specdiff (benchmarks/before_after.py) has no untapped score: its rows are left out
-    untapped = "importance" in {f.name for f in dataclasses.fields(specdiff.SpecDiffConfig)}
+    # an older specdiff (benchmarks/before_after.py) has no untapped score, no conditional-only taps and
+    # no CFG batch on a bare transformer: those rows are left out
+    fields = {f.name for f in dataclasses.fields(specdiff.SpecDiffConfig)}
+    untapped = "importance" in fields
+    # the SD3 presets' batch 2 is CFG's [uncond, cond]: the rows of one prompt share a selection
+    cfg_batch = (preset["family"] == "sd3" and preset["batch"] == 2
+                 and "cfg_batch" in inspect.signature(specdiff.enable).parameters)
+    conditional_taps = cfg_batch and "tap_cfg" in fields
     methods = [("stock", None)]
     for ratio in args.ratios:
         methods.append((f"specdiff {ratio:g} tapped", config(ratio, True)))
+        if conditional_taps:
+            methods.append((f"specdiff {ratio:g} tapped, conditional rows", config(ratio, True, tap_cfg=False)))
         if untapped:
             methods.append((f"specdiff {ratio:g} untapped", config(ratio, False)))
+    options = {"cfg_batch": True} if cfg_batch else {}
     measured = {name: {"dense": [], "sparse": []} for name, _ in methods}
     with torch.inference_mode():
         for _ in range(2):
@@ -221,7 +231,7 @@ def measure_calls(args) -> list[dict]:
                     dense, sparse = results, []
                 else:
                     kinds = []
-                    with specdiff.accelerated(model, cfg, num_inference_steps=steps):
+                    with specdiff.accelerated(model, cfg, num_inference_steps=steps, **options):
                         specdiff.observe(model, lambda e: kinds.append("dense" if e.plan.compute is None else "sparse"))
                         results = [timer(lambda s=s: call(model, s, steps)) for s in range(steps)]
                     dense = [r for r, k in zip(results, kinds) if k == "dense"]
@@ -235,7 +245,7 @@ def measure_calls(args) -> list[dict]:
         for name, cfg in methods[1:]:
             # each count in its own generation: a call repeating a timestep starts a new one (dense)
             for counts, count in [(flops, call_flops)] + ([(ops, call_ops)] if ops else []):
-                with specdiff.accelerated(model, cfg, num_inference_steps=steps):
+                with specdiff.accelerated(model, cfg, num_inference_steps=steps, **options):
                     call(model, 0, steps)
                     call(model, 1, steps)
                     counts[name] = count(model, lambda: call(model, 2, steps))
@@ -296,11 +306,18 @@ def measure_parts(args, sparse_call_seconds: float, ratio: float) -> list[dict]:
     image_kv = (rand(batch, heads, active_count, dim), rand(batch, heads, active_count, dim))
     text_kv = (rand(batch, heads, n_text, dim), rand(batch, heads, n_text, dim))
     queries, offset = rand(batch, heads, active_count, dim), torch.tensor(7919)
-    ctx.tap_sum = torch.zeros(batch, n_image, device=device)
+    def taps(rows):
+        def run():
+            ctx.tap_sum = torch.zeros(rows, n_image, device=device)
+            tap_attention(ctx, offset, queries, None, slot.keys, slice(0, n_image))
+        return run
+
     parts = {
         "key/value write": lambda: joint_kv(ctx, [slot], *image_kv, *text_kv, text_first=False),
-        f"attention taps ({ctx.tap_queries} queries)": lambda: tap_attention(ctx, offset, queries, None, slot.keys, slice(0, n_image)),
+        f"attention taps ({ctx.tap_queries} queries)": taps(batch),
     }
+    if p["family"] == "sd3" and batch == 2:  # a CFG batch: tap_cfg=False reads the conditional row only
+        parts[f"attention taps ({ctx.tap_queries} queries), conditional rows"] = taps(batch // 2)
     layers = args.blocks  # one attention layer per block in both presets' families
     rows = []
     with torch.inference_mode():

@@ -80,11 +80,14 @@ def _other_cache(transformer) -> str | None:
     return None
 
 
-def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int | None = None, seed: int = 0):
+def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int | None = None, seed: int = 0,
+           cfg_batch: bool = False):
     """Accelerate `obj` (a pipeline, or a bare transformer given num_inference_steps).
 
     config: any method's config (default SpecDiffConfig()). seed: for
-    policies that draw random numbers, an integer in [0, 2**63). Returns obj.
+    policies that draw random numbers, an integer in [0, 2**63). cfg_batch (bare transformer only; a
+    pipeline's guidance says it): the transformer's batch is [unconditional, conditional] halves, as the
+    SD3 pipelines batch classifier-free guidance, so rows r and r + B/2 belong to one prompt. Returns obj.
     """
     config = config if config is not None else SpecDiffConfig()
     if not isinstance(config, PolicyConfig):
@@ -95,7 +98,11 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
         isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1
     ):
         raise ValueError(f"enable(num_inference_steps=...) must be an integer >= 1, got {num_inference_steps!r}")
+    if not isinstance(cfg_batch, bool):
+        raise ValueError(f"enable(cfg_batch=...) must be True or False, got {cfg_batch!r}")
     transformer, pipeline = _transformer_of(obj)
+    if cfg_batch and pipeline is not None:
+        raise ValueError("enable(cfg_batch=True) is for a bare transformer; a pipeline's guidance_scale says it")
     adapter_type = _adapter_for(transformer)
     if getattr(transformer, _STATE_ATTR, None) is not None or (
         pipeline is not None and vars(pipeline).get(_STATE_ATTR) is not None
@@ -114,7 +121,8 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
                 f"{type(config).__name__}.speculative_steps={policy.speculative_steps} needs the pipeline to run the "
                 "speculative pass: pass the pipeline, or set speculative_steps=0 on a bare transformer"
             )
-    runtime = Runtime(policy, seed=seed, auto_num_steps=num_inference_steps if pipeline is None else None)
+    runtime = Runtime(policy, seed=seed, auto_num_steps=num_inference_steps if pipeline is None else None,
+                      auto_cfg_groups=2 if cfg_batch else 1)
     adapter = adapter_type(transformer, runtime)
     adapter.install()
     state = _State(adapter, runtime)

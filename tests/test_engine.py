@@ -137,6 +137,24 @@ def test_bare_transformer_given_steps():
     assert len(summary.real_steps()) == STEPS
 
 
+def test_a_bare_transformer_told_its_batch_is_cfg_shares_one_selection_per_prompt():
+    """enable(transformer, cfg_batch=True): rows r and r + B/2 get one selection, as under the pipeline."""
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    config = specdiff.SpecDiffConfig(cache_ratio=0.75, speculative_steps=0, warmup_steps=2, reset_steps=())
+    with pytest.raises(ValueError, match="cfg_batch"):
+        specdiff.enable(pipe, config, cfg_batch=True)
+    for cfg_batch in (False, True):
+        plans = []
+        with specdiff.accelerated(pipe.transformer, config, num_inference_steps=STEPS, cfg_batch=cfg_batch):
+            specdiff.observe(pipe.transformer, lambda e: plans.append(e.plan.compute))
+            generate(pipe, guidance_scale=5.0)
+        sparse = [p for p in plans if p is not None]
+        assert len(sparse) == STEPS - 2
+        shared = all(torch.equal(p[0].sort().values, p[1].sort().values) for p in sparse)
+        assert shared == cfg_batch
+
+
 def test_bad_configs_name_the_field_and_range():
     with pytest.raises(specdiff.ConfigError, match=r"cache_ratio must be in \[0.0, 1.0\)"):
         specdiff.SpecDiffConfig(cache_ratio=1.0)
@@ -389,3 +407,33 @@ def test_speculative_change_maps_reach_the_real_steps(sd3):
         assert change is not None and change.shape == (2, 16 * 16)  # CFG rows served by the conditional pass
         assert torch.isfinite(change).all() and (change >= 0).all()
     assert sum(c is not None for _, _, c in read) == STEPS - config.warmup_steps
+
+
+def test_conditional_only_taps_are_the_conditional_rows_taps(sd3):
+    """tap_cfg=False: the taps read only a CFG batch's conditional rows ([uncond, cond]: the second half)
+    and both halves' selection reads them; at cache ratio 0 the output is still the plain model's."""
+    first_sparse = {}
+    for tap_cfg in (True, False):
+        config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(), tap_cfg=tap_cfg)
+        specdiff.enable(sd3, config)
+        try:
+            seen = []
+            specdiff.observe(sd3, lambda e: seen.append(e.signals.attention))
+            generate(sd3, guidance_scale=5.0)
+        finally:
+            specdiff.disable(sd3)
+        first_sparse[tap_cfg] = seen[config.warmup_steps]  # read after two dense steps: the same inputs
+    both, conditional = first_sparse[True], first_sparse[False]
+    assert both.shape == conditional.shape == (2, 16 * 16)
+    assert not torch.allclose(both[0], both[1], atol=1e-3)  # the halves differ, so the check below can fail
+    torch.testing.assert_close(conditional[0], both[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conditional[1], both[1], atol=1e-5, rtol=1e-5)
+
+    plain = generate(sd3, guidance_scale=5.0)
+    for speculative_cfg in (False, True):
+        config = specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, tap_cfg=False,
+                                         speculative_cfg=speculative_cfg)
+        exact, _ = generate_with(sd3, config, guidance_scale=5.0)
+        torch.testing.assert_close(exact, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(specdiff.ConfigError, match="tap_cfg=False .* share_cfg_selection=True"):
+        specdiff.SpecDiffConfig(tap_cfg=False, share_cfg_selection=False)

@@ -41,7 +41,9 @@ class AttentionContext(threading.local):
         self.kv_branch: int = -1  # which of each layer's LayerKV slots this call uses; -1: no key/value cache
         self.tap_queries: int = 0  # 0 = no taps this step
         self.tap_include_text: bool = False
-        self.tap_sum: torch.Tensor | None = None  # (B, N) fp32 attention received, summed over layers; None: no taps
+        # (R, N) fp32 attention received by the last R rows of the batch (R < B: a CFG batch's conditional
+        # half), summed over layers; None: no taps
+        self.tap_sum: torch.Tensor | None = None
         self.tap_seconds: float = 0.0  # host time spent in taps this step (counted as scoring)
         self.timestep: float = 0.0  # of the transformer call in progress
         self.text_length: int = 0  # text tokens of the call in progress
@@ -112,6 +114,11 @@ def tap_attention(
         return
     timed = not torch.compiler.is_compiling()  # a host timer inside traced code would break the graph
     tic = time.perf_counter() if timed else 0.0
+    rows = ctx.tap_sum.shape[0]
+    if rows < keys.shape[0]:  # views of the last rows: nothing copied
+        first = keys.shape[0] - rows
+        image_queries, keys = image_queries[first:], keys[first:]
+        text_queries = None if text_queries is None else text_queries[first:]
     n = image_queries.shape[2]
     m = min(ctx.tap_queries, n)
     if m == n:

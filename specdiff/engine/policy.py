@@ -181,6 +181,12 @@ class Policy:
         """Whether text-token queries count too."""
         return False
 
+    @property
+    def tap_cfg(self) -> bool:
+        """Whether the taps of a CFG batch read the unconditional rows too (False: the conditional rows
+        only, and the unconditional rows take their maps)."""
+        return True
+
     def needs_attention_after(self, step: int, num_steps: int) -> bool:
         """Whether step `step`'s attention taps will be read (by the plan of step + 1)."""
         return self.tap_queries > 0

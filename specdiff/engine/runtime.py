@@ -164,9 +164,11 @@ class BranchState:
 class Runtime:
     """One per accelerated transformer."""
 
-    def __init__(self, policy: Policy, seed: int = 0, auto_num_steps: int | None = None) -> None:
+    def __init__(self, policy: Policy, seed: int = 0, auto_num_steps: int | None = None,
+                 auto_cfg_groups: int = 1) -> None:
         self.policy = policy
         self.auto_num_steps = auto_num_steps  # bare transformer: generations found from the timesteps
+        self.auto_cfg_groups = auto_cfg_groups  # bare transformer: 2 when its batch is [uncond, cond]
         self.seed = seed
         self.context = AttentionContext()
         self._phase: str | None = None  # None: outside a generation, plain compute
@@ -263,7 +265,7 @@ class Runtime:
             if done or rising:
                 self.finish_generation()
         if self.phase is None:
-            self.start_generation(self.auto_num_steps)
+            self.start_generation(self.auto_num_steps, cfg_groups=self.auto_cfg_groups)
 
     def _enter_phase(self, phase: str) -> None:
         self._phase = phase
@@ -316,7 +318,7 @@ class Runtime:
                 batch=batch,
                 num_tokens=num_tokens,
                 device=device,
-                attention=branch.attention,
+                attention=rows_for(branch.attention, batch),
                 future=lambda t, b=branch: rows_for(nearest_future(b.future, t), batch),
                 future_change=lambda t, b=branch: rows_for(nearest_future(b.future_change, t), batch),
                 cached_count=branch.history.cached_count,
@@ -339,8 +341,12 @@ class Runtime:
         ctx.tap_seconds = 0.0
         taps = self.phase == "speculative" or self.policy.needs_attention_after(branch.step, self.num_steps)
         ctx.tap_queries = self.policy.tap_queries if taps else 0
-        # one fp32 buffer the layers add into in place (the same tensor for every layer of the step)
-        ctx.tap_sum = torch.zeros(batch, num_tokens, device=device) if taps and ctx.tap_queries > 0 else None
+        # one fp32 buffer the layers add into in place (the same tensor for every layer of the step); with
+        # fewer rows than the batch the taps read only the last rows, a CFG batch's conditional half
+        cfg_batched = (self.cfg_groups == 2 and batch % 2 == 0
+                       and (self.phase == "real" or self.policy.speculative_cfg))
+        tapped_rows = batch // 2 if cfg_batched and not self.policy.tap_cfg else batch
+        ctx.tap_sum = torch.zeros(tapped_rows, num_tokens, device=device) if taps and ctx.tap_queries > 0 else None
         ctx.tap_include_text = self.policy.tap_include_text
         self._scoring = time.perf_counter() - tic
         return plan.compute
@@ -409,7 +415,8 @@ class Runtime:
 
 
 def rows_for(scores: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-    """Speculative maps made without the CFG rows serve both halves ([uncond, cond] share a prompt order)."""
+    """Maps made without the CFG rows (the speculative pass's, or conditional-only taps) serve both
+    halves ([uncond, cond] share a prompt order)."""
     if scores is None or scores.shape[0] == batch:
         return scores
     if batch % scores.shape[0]:
