@@ -211,12 +211,12 @@ def measure_calls(args) -> list[dict]:
     # the SD3 presets' batch 2 is CFG's [uncond, cond]: the rows of one prompt share a selection
     cfg_batch = (preset["family"] == "sd3" and preset["batch"] == 2
                  and "cfg_batch" in inspect.signature(specdiff.enable).parameters)
-    conditional_taps = cfg_batch and "tap_cfg" in fields
+    both_halves = cfg_batch and "tap_cfg" in fields  # the default taps the conditional rows only
     methods = [("stock", None)]
     for ratio in args.ratios:
         methods.append((f"specdiff {ratio:g} tapped", config(ratio, True)))
-        if conditional_taps:
-            methods.append((f"specdiff {ratio:g} tapped, conditional rows", config(ratio, True, tap_cfg=False)))
+        if both_halves:
+            methods.append((f"specdiff {ratio:g} tapped, both CFG halves", config(ratio, True, tap_cfg=True)))
         if untapped:
             methods.append((f"specdiff {ratio:g} untapped", config(ratio, False)))
     options = {"cfg_batch": True} if cfg_batch else {}
@@ -284,7 +284,7 @@ def median_seconds(fn, device: torch.device, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
-def measure_parts(args, sparse_call_seconds: float, ratio: float) -> list[dict]:
+def measure_parts(args, sparse_call_seconds: float, ratio: float, both_halves_call_seconds: float | None = None) -> list[dict]:
     """The engine's per-layer extras of a sparse call, each timed alone at the preset's shapes and scaled
     to the call's layers: the attention taps and the key/value write (active image rows and text rows
     into the layer's joint buffer). Medians of 20 runs; shares of the sparse call's median time."""
@@ -312,19 +312,21 @@ def measure_parts(args, sparse_call_seconds: float, ratio: float) -> list[dict]:
             tap_attention(ctx, offset, queries, None, slot.keys, slice(0, n_image))
         return run
 
-    parts = {
-        "key/value write": lambda: joint_kv(ctx, [slot], *image_kv, *text_kv, text_first=False),
-        f"attention taps ({ctx.tap_queries} queries)": taps(batch),
-    }
-    if p["family"] == "sd3" and batch == 2:  # a CFG batch: tap_cfg=False reads the conditional row only
+    parts = {"key/value write": lambda: joint_kv(ctx, [slot], *image_kv, *text_kv, text_first=False)}
+    if p["family"] == "sd3" and batch == 2:  # a CFG batch: by default the taps read the conditional row only
         parts[f"attention taps ({ctx.tap_queries} queries), conditional rows"] = taps(batch // 2)
+        parts[f"attention taps ({ctx.tap_queries} queries), both CFG halves"] = taps(batch)
+    else:
+        parts[f"attention taps ({ctx.tap_queries} queries)"] = taps(batch)
     layers = args.blocks  # one attention layer per block in both presets' families
     rows = []
     with torch.inference_mode():
         for name, fn in parts.items():
             per_layer = median_seconds(fn, device, repeats=20)
             rows.append({"part": name, "ms_per_layer": 1000 * per_layer, "layers": layers,
-                         "share_of_sparse_call": per_layer * layers / sparse_call_seconds})
+                         "share_of_sparse_call": per_layer * layers / (
+                             both_halves_call_seconds if name.endswith("both CFG halves") and both_halves_call_seconds
+                             else sparse_call_seconds)})
     return rows
 
 
@@ -389,10 +391,12 @@ def main(argv=None) -> None:
         print(calls_table(rows, args))
         parts = []
         sparse = [r for r in rows if r["method"] == f"specdiff {max(args.ratios):g} tapped"]
+        both = [r for r in rows if r["method"] == f"specdiff {max(args.ratios):g} tapped, both CFG halves"]
         if args.parts and sparse:
-            parts = measure_parts(args, sparse[0]["ms_wall"] / 1000, max(args.ratios))
+            parts = measure_parts(args, sparse[0]["ms_wall"] / 1000, max(args.ratios),
+                                  both[0]["ms_wall"] / 1000 if both else None)
             print(f"\nthe engine's extras of a sparse call at cache ratio {max(args.ratios):g}, each timed alone "
-                  f"(median of 20, x {args.blocks} layers):\n\n| part | ms / layer | share of the tapped sparse call |\n|---|---|---|")
+                  f"(median of 20, x {args.blocks} layers):\n\n| part | ms / layer | share of its tapped sparse call |\n|---|---|---|")
             for r in parts:
                 print(f"| {r['part']} | {r['ms_per_layer']:.2f} | {100 * r['share_of_sparse_call']:.1f} % |")
         if args.out is not None:

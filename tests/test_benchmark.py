@@ -288,11 +288,11 @@ def test_per_call_engine_benchmark_runs_at_tiny_size(preset, tmp_path, capsys):
     rows = module.main(["--preset", preset, "--repeats", "1", "--calls", "2", "--ratios", "0.5", "0.9",
                         "--device", "cpu", "--out", str(tmp_path / "calls.json")])
     names = [r["method"] for r in rows]
-    per_ratio = ["tapped", "tapped, conditional rows", "untapped"] if preset == "tiny" else ["tapped", "untapped"]
+    per_ratio = ["tapped", "tapped, both CFG halves", "untapped"] if preset == "tiny" else ["tapped", "untapped"]
     assert names == ["stock"] + [f"specdiff {ratio} {kind}" for ratio in ("0.5", "0.9") for kind in per_ratio]
     by = {r["method"]: r for r in rows}
-    if preset == "tiny":  # a CFG batch: conditional-only taps count half the taps' FLOPs
-        assert by["specdiff 0.9 tapped"]["flops_ratio"] < by["specdiff 0.9 tapped, conditional rows"]["flops_ratio"] \
+    if preset == "tiny":  # a CFG batch: the default's conditional-only taps count half the taps' FLOPs
+        assert by["specdiff 0.9 tapped, both CFG halves"]["flops_ratio"] < by["specdiff 0.9 tapped"]["flops_ratio"] \
             < by["specdiff 0.9 untapped"]["flops_ratio"]
     assert by["stock"]["flops_ratio"] == 1.0
     assert 1.3 < by["specdiff 0.5 tapped"]["flops_ratio"] < by["specdiff 0.9 tapped"]["flops_ratio"]

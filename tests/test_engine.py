@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import specdiff
+from specdiff.policies.registry import make_policy
 from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
 STEPS = 8
@@ -410,8 +411,8 @@ def test_speculative_change_maps_reach_the_real_steps(sd3):
 
 
 def test_conditional_only_taps_are_the_conditional_rows_taps(sd3):
-    """tap_cfg=False: the taps read only a CFG batch's conditional rows ([uncond, cond]: the second half)
-    and both halves' selection reads them; at cache ratio 0 the output is still the plain model's."""
+    """tap_cfg=False (the default): the taps read only a CFG batch's conditional rows ([uncond, cond]: the
+    second half) and both halves' selection reads them; at cache ratio 0 the output is still the plain model's."""
     first_sparse = {}
     for tap_cfg in (True, False):
         config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(), tap_cfg=tap_cfg)
@@ -435,5 +436,5 @@ def test_conditional_only_taps_are_the_conditional_rows_taps(sd3):
                                          speculative_cfg=speculative_cfg)
         exact, _ = generate_with(sd3, config, guidance_scale=5.0)
         torch.testing.assert_close(exact, plain, rtol=1e-5, atol=1e-5)
-    with pytest.raises(specdiff.ConfigError, match="tap_cfg=False .* share_cfg_selection=True"):
-        specdiff.SpecDiffConfig(tap_cfg=False, share_cfg_selection=False)
+    own = specdiff.SpecDiffConfig(tap_cfg=False, share_cfg_selection=False)
+    assert make_policy(own).tap_cfg  # rows with their own selection read their own taps

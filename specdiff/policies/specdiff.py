@@ -53,9 +53,10 @@ class SpecDiffConfig(DenseScheduleConfig):
         tap_queries (int, default 64): sampled queries per attention layer that measure attention received.
         tap_include_text (bool, default False): whether text-token queries also count (MMDiT joint attention).
         share_cfg_selection (bool, default True): CFG rows of one prompt use one token selection.
-        tap_cfg (bool, default True): the taps of a CFG batch read both halves (True) or the conditional
-            rows only (False: half the taps' cost; the speculative map is the conditional rows' already
-            unless speculative_cfg; needs share_cfg_selection).
+        tap_cfg (bool, default False): the taps of a CFG batch read both halves (True) or the conditional
+            rows only (False: half the taps' cost, as the speculative map is the conditional rows' unless
+            speculative_cfg). With share_cfg_selection=False every row is tapped: each reads its own. Measured on both embedded models: False scores
+            0.0-0.2 dB better (BENCHMARKS.md section 13).
         speculative_cfg (bool, default False): run the speculative pass with the pipeline's classifier-free
             guidance (True, the paper's "same input" read literally) or on the conditional rows only
             (False: about half its cost; both CFG halves share the maps).
@@ -86,7 +87,7 @@ class SpecDiffConfig(DenseScheduleConfig):
     tap_queries: int = 64
     tap_include_text: bool = False
     share_cfg_selection: bool = True
-    tap_cfg: bool = True
+    tap_cfg: bool = False  # half the taps' cost at no loss (BENCHMARKS.md section 13)
     speculative_cfg: bool = False  # half the speculation's cost for -0.3 dB (BENCHMARKS.md section 3)
     importance: str = "his-fut"
 
@@ -99,9 +100,6 @@ class SpecDiffConfig(DenseScheduleConfig):
         check_range(self, "starvation_scale", 0.0, 10.0)
         check_range(self, "reuse_mass", 0.0, 1.0)
         check_int(self, "tap_queries", 1, 4096)
-        if not self.tap_cfg and not self.share_cfg_selection:
-            raise ConfigError("SpecDiffConfig.tap_cfg=False gives the unconditional rows the conditional rows' "
-                              "taps, which only a shared selection reads: set share_cfg_selection=True")
         if self.importance not in self.IMPORTANCE:
             raise ConfigError(f"SpecDiffConfig.importance must be one of {', '.join(self.IMPORTANCE)}, "
                               f"got {self.importance!r}")
@@ -142,7 +140,7 @@ class SpecDiffPolicy(Policy):
 
     @property
     def tap_cfg(self) -> bool:
-        return self.config.tap_cfg
+        return self.config.tap_cfg or not self.config.share_cfg_selection
 
     def needs_attention_after(self, step: int, num_steps: int) -> bool:
         # only a sparse step reads the previous step's taps ("his"): skip them before dense steps, at the
