@@ -13,8 +13,9 @@ of their last three outputs (engine/history.py).
 Choices where the paper is silent (see DESIGN.md): cached_count resets when
 a token is computed (as in RAS); the C2 mass is over all tokens and uses
 his * fut without the starvation factor; CFG rows of
-one prompt share one selection; attention is averaged over heads and summed
-over layers, from `tap_queries` sampled image queries per layer.
+one prompt share one selection, and both his and fut come from the conditional
+rows; attention is averaged over heads and summed over layers, from
+`tap_queries` sampled image queries per layer.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ class SpecDiffConfig(DenseScheduleConfig):
         share_cfg_selection (bool, default True): CFG rows of one prompt use one token selection.
         tap_cfg (bool, default False): the taps of a CFG batch read both halves (True) or the conditional
             rows only (False: half the taps' cost, as the speculative map is the conditional rows' unless
-            speculative_cfg). With share_cfg_selection=False every row is tapped: each reads its own. Measured on both embedded models: False scores
-            0.0-0.2 dB better (BENCHMARKS.md section 13).
+            speculative_cfg). With share_cfg_selection=False every row is tapped: each reads its own.
+            Measured on both embedded models: False scores 0.0-0.2 dB better (BENCHMARKS.md section 13).
         speculative_cfg (bool, default False): run the speculative pass with the pipeline's classifier-free
             guidance (True, the paper's "same input" read literally) or on the conditional rows only
             (False: about half its cost; both CFG halves share the maps).
