@@ -3,7 +3,8 @@
 # whatever a stage wrote under $OUT comes back even if a later one runs out of time):
 #   1. only with TRAIN_MINUTES > 0: embedded v2's larger configuration trained (issue 11)  -> $OUT/train/
 #      (session 8: 3.5 minutes of the 8-block model from scratch gave 1 % exact scenes, far too few steps;
-#      next: INIT=specdiff/reference/weights_v2 LR=5e-4 TRAIN_MINUTES=3 continues the shipped model)
+#      next: INIT=specdiff/reference/weights_v2 LR=5e-4 TRAIN_MINUTES=3 continues the shipped model;
+#      add GROW=8 to deepen it from the shipped function, see scripts/gpu_train_v2.sh)
 #   2. whole SD3-medium generations with compiled blocks, token-level methods (issue 10) -> $OUT/speed/
 #   3. one compiled transformer call per method at SD3-medium's shapes (issue 10) -> $OUT/calls.json
 # device run: carry [".whl", ".gpu"], command "bash scripts/gpu_session.sh", timeout_s 600. Prepare .whl and .gpu

@@ -9,12 +9,15 @@
 # Back here:  cat <files_at>/embedded-v2-gpu.tar.part-* | tar -xf - -C /tmp   (-> /tmp/gpu-export, hash-checked)
 # Tiny test on a CPU: DEVICE=cpu MINUTES=0.3 LAYERS=1 BATCH=2 WORKERS=1 OUT=/tmp/o bash scripts/gpu_train_v2.sh
 # INIT=specdiff/reference/weights_v2 continues the shipped model instead (its size; LAYERS / HEADS unused):
-# session 8's 3.5 minutes from scratch gave 1,253 steps, far too few for the 8-block model.
+# session 8's 3.5 minutes from scratch gave 1,253 steps, far too few for the 8-block model. INIT with GROW=N
+# (N above the folder's blocks) starts an N-block model that computes the shipped one's function, its new
+# blocks copies with zero output gates, so minutes of a GPU add depth without starting over.
 set -euo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 DEVICE=${DEVICE:-cuda} MINUTES=${MINUTES:-6} LAYERS=${LAYERS:-8} HEADS=${HEADS:-3} BATCH=${BATCH:-256}
 WORKERS=${WORKERS:-14} LR=${LR:-1e-3} RUN=${RUN:-/tmp/gpu-run} MARGIN=${MARGIN:-4} INIT=${INIT:-}
 if [ -n "$INIT" ]; then SIZE=(--init-from "$INIT"); else SIZE=(--layers "$LAYERS" --heads "$HEADS"); fi
+if [ -n "$INIT" ] && [ -n "${GROW:-}" ]; then SIZE+=(--layers "$GROW"); fi
 source scripts/gpu_env.sh
 mkdir -p "$OUT"
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
