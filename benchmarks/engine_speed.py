@@ -312,21 +312,22 @@ def measure_parts(args, sparse_call_seconds: float, ratio: float, both_halves_ca
             tap_attention(ctx, offset, queries, None, slot.keys, slice(0, n_image))
         return run
 
-    parts = {"key/value write": lambda: joint_kv(ctx, [slot], *image_kv, *text_kv, text_first=False)}
+    # each part with the sparse call it is a share of
+    parts = {"key/value write": (lambda: joint_kv(ctx, [slot], *image_kv, *text_kv, text_first=False),
+                                 sparse_call_seconds)}
     if p["family"] == "sd3" and batch == 2:  # a CFG batch: by default the taps read the conditional row only
-        parts[f"attention taps ({ctx.tap_queries} queries), conditional rows"] = taps(batch // 2)
-        parts[f"attention taps ({ctx.tap_queries} queries), both CFG halves"] = taps(batch)
+        parts[f"attention taps ({ctx.tap_queries} queries), conditional rows"] = (taps(batch // 2), sparse_call_seconds)
+        parts[f"attention taps ({ctx.tap_queries} queries), both CFG halves"] = (
+            taps(batch), both_halves_call_seconds or sparse_call_seconds)
     else:
-        parts[f"attention taps ({ctx.tap_queries} queries)"] = taps(batch)
+        parts[f"attention taps ({ctx.tap_queries} queries)"] = (taps(batch), sparse_call_seconds)
     layers = args.blocks  # one attention layer per block in both presets' families
     rows = []
     with torch.inference_mode():
-        for name, fn in parts.items():
+        for name, (fn, call_seconds) in parts.items():
             per_layer = median_seconds(fn, device, repeats=20)
             rows.append({"part": name, "ms_per_layer": 1000 * per_layer, "layers": layers,
-                         "share_of_sparse_call": per_layer * layers / (
-                             both_halves_call_seconds if name.endswith("both CFG halves") and both_halves_call_seconds
-                             else sparse_call_seconds)})
+                         "share_of_sparse_call": per_layer * layers / call_seconds})
     return rows
 
 
