@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-from specdiff.adapters.base import Adapter
+from specdiff.adapters.base import Adapter, offloading_of
+from specdiff.engine.graphs import StepGraphs
 from specdiff.adapters.flux import FluxAdapter
 from specdiff.adapters.sd3 import SD3Adapter
 from specdiff.engine.runtime import GenerationSummary, Runtime
@@ -81,13 +82,20 @@ def _other_cache(transformer) -> str | None:
 
 
 def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int | None = None, seed: int = 0,
-           cfg_batch: bool = False):
+           cfg_batch: bool = False, cuda_graphs: bool | str = False):
     """Accelerate `obj` (a pipeline, or a bare transformer given num_inference_steps).
 
     config: any method's config (default SpecDiffConfig()). seed: for
     policies that draw random numbers, an integer in [0, 2**63). cfg_batch (bare transformer only; a
     pipeline's guidance says it): the transformer's batch is [unconditional, conditional] halves, as the
-    SD3 pipelines batch classifier-free guidance, so rows r and r + B/2 belong to one prompt. Returns obj.
+    SD3 pipelines batch classifier-free guidance, so rows r and r + B/2 belong to one prompt.
+    cuda_graphs: True replays each kind of real-pass transformer call from a CUDA graph (token-level
+    methods and full compute; the model on a CUDA device, no offloading): the host issues one launch
+    per call instead of thousands. Graphs are captured on a kind's second call, kept across generations
+    of the same shapes with the engine's buffers, captured again when the weights, LoRA adapters or
+    scales, attention processors or compiled blocks changed (checked once per generation), and freed
+    by disable. "eager": the same static buffers and kinds of call, run without capture (checks the
+    graph path on a CPU). Returns obj.
     """
     config = config if config is not None else SpecDiffConfig()
     if not isinstance(config, PolicyConfig):
@@ -100,6 +108,8 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
         raise ValueError(f"enable(num_inference_steps=...) must be an integer >= 1, got {num_inference_steps!r}")
     if not isinstance(cfg_batch, bool):
         raise ValueError(f"enable(cfg_batch=...) must be True or False, got {cfg_batch!r}")
+    if cuda_graphs not in (False, True, "eager") or isinstance(cuda_graphs, (int, float)) and not isinstance(cuda_graphs, bool):
+        raise ValueError(f"enable(cuda_graphs=...) must be False, True or 'eager', got {cuda_graphs!r}")
     transformer, pipeline = _transformer_of(obj)
     if cfg_batch and pipeline is not None:
         raise ValueError("enable(cfg_batch=True) is for a bare transformer; a pipeline's guidance_scale says it")
@@ -113,6 +123,8 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
         raise RuntimeError(f"{other} is already installed on this transformer; remove it before enabling specdiff "
                            "(two caches on one model would each skip work the other relies on)")
     policy = make_policy(config)
+    if cuda_graphs:
+        _check_graphs(transformer, policy, capture=cuda_graphs is True)
     if pipeline is None:
         if num_inference_steps is None:
             raise ValueError("on a bare transformer, enable needs num_inference_steps >= 1 (steps per generation)")
@@ -124,6 +136,8 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
     runtime = Runtime(policy, seed=seed, auto_num_steps=num_inference_steps if pipeline is None else None,
                       auto_cfg_groups=2 if cfg_batch else 1)
     adapter = adapter_type(transformer, runtime)
+    if cuda_graphs:
+        adapter.graphs = StepGraphs(cuda_graphs is True, runtime.buffers, runtime.buffer_addresses)
     adapter.install()
     state = _State(adapter, runtime)
     if pipeline is not None:
@@ -136,6 +150,21 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
         pipeline.__class__ = _accelerated_class(type(pipeline))
     setattr(transformer, _STATE_ATTR, state)
     return obj
+
+
+def _check_graphs(transformer, policy, capture: bool) -> None:
+    """Refuse, before any work, what CUDA graphs cannot replay."""
+    if policy.block_level:
+        raise ValueError(f"enable(cuda_graphs=...) replays token-level methods and full compute; "
+                         f"{policy.config.method!r} decides per block on the host: enable it with cuda_graphs=False")
+    offloading = offloading_of(transformer)
+    if offloading is not None:
+        raise ValueError(f"enable(cuda_graphs=...) cannot replay a model whose weights move per call ({offloading}): "
+                         "remove the offloading or enable with cuda_graphs=False")
+    device = next(transformer.parameters()).device
+    if capture and device.type != "cuda":
+        raise ValueError(f"enable(cuda_graphs=True) needs the transformer on a CUDA device (it is on {device}); "
+                         "cuda_graphs='eager' runs the same path without capture")
 
 
 def compile_blocks(obj, *, recompile_limit: int = 64, **compile_options) -> int:
@@ -213,6 +242,9 @@ def observe(obj, observer) -> "Callable[[], None]":
     state = _state_of(obj)
     if state is None:
         raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
+    if state.adapter.graphs is not None and state.adapter.graphs.capture:
+        raise RuntimeError("specdiff.observe cannot see steps replayed from CUDA graphs (their plans never reach the "
+                           "host): enable with cuda_graphs=False or 'eager' to observe")
     observers = state.runtime.observers
     observers.append(observer)
     return lambda: observer in observers and observers.remove(observer)

@@ -15,7 +15,9 @@ charge. specdiff adds, on the one instance:
   hook on its position module: the rows of the tokens that run, once per step;
 - its attention processors (keys/values of all image tokens from the cache);
 - for block-level policies only, a diffusers `ModelHook` per block, so a
-  policy can stand in for a block.
+  policy can stand in for a block;
+- with CUDA graphs, a diffusers `ModelHook` on the transformer that replays
+  each kind of real-pass call from its graph (engine/graphs.py).
 
 `uninstall` removes exactly these, whatever else was added or removed since.
 A family declares its pieces: the module names, its block lists, how its
@@ -30,10 +32,12 @@ import inspect
 
 import torch
 
+from specdiff.engine.graphs import StepGraphs
 from specdiff.engine.runtime import Runtime
 from specdiff.engine.tokens import gather_tokens
 
 _BLOCK_HOOK = "specdiff_block"
+_GRAPH_HOOK = "specdiff_step_graphs"
 BLOCK_COMPILATION_ATTR = "_specdiff_block_compilation"  # on the transformer, set by specdiff.compile_blocks
 
 
@@ -150,6 +154,130 @@ class _BlockHook:
         return runtime.run_block(self.index, self.count, block, tokens, text)
 
 
+class GraphsRefused(RuntimeError):
+    """CUDA graphs cannot replay this model's calls as it is set up now."""
+
+
+def _frozen(name: str, value):
+    """A hashable stand-in for a non-tensor argument (part of a graph's key)."""
+    if isinstance(value, torch.Tensor):
+        raise GraphsRefused(f"specdiff cuda_graphs: the argument {name!r} holds a tensor inside a container; "
+                            "run this call without cuda_graphs")
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(name, v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(name, v) for v in value)
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def offloading_of(model: torch.nn.Module) -> str | None:
+    """What moves this model's weights per call (accelerate's or diffusers' offloading), if anything."""
+    for name, module in model.named_modules():
+        if getattr(module, "_hf_hook", None) is not None:
+            return "accelerate's offload hooks" + (f" (on {name})" if name else "")
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook_name in getattr(registry, "hooks", {}) or {}:
+            if "offload" in hook_name or "layer_execution" in hook_name:
+                return f"diffusers' {hook_name!r} hook" + (f" on {name}" if name else "")
+    return None
+
+
+def model_fingerprint(model: torch.nn.Module) -> int:
+    """What a captured graph depends on besides its inputs: the weights' storage, the attention
+    processors and backends, LoRA adapters and their scales, compiled blocks."""
+    weights = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+    processors = tuple((name, id(proc), getattr(proc, "_attention_backend", None))
+                       for name, proc in model.attn_processors.items())
+    lora, compiled = [], []
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "scaling", None), dict):  # a PEFT LoRA layer
+            lora.append((name, tuple(sorted(module.scaling.items())), _frozen(name, getattr(module, "active_adapters", ())),
+                         bool(getattr(module, "disable_adapters", False)), bool(getattr(module, "merged", False))))
+        compiled.append(getattr(module, "_compiled_call_impl", None) is not None)
+    return hash((weights, processors, tuple(lora), tuple(compiled)))
+
+
+class _StepGraphHook:
+    """A diffusers ModelHook on the transformer: each real-pass call is prepared on the host, then run
+    from the graph of its kind (StepGraphs), then finished on the host. The speculative pass and plain
+    calls run as without graphs."""
+
+    _is_stateful = False
+
+    def __init__(self, adapter: "Adapter") -> None:
+        self.fn_ref = None
+        self.adapter = adapter  # its `graphs` holds the captured graphs
+        self.signature = None
+        self.generation = 0
+        self.fingerprint = None
+
+    def initialize_hook(self, module):
+        self.signature = inspect.signature(module.forward)
+        return module
+
+    def deinitalize_hook(self, module):  # diffusers' spelling
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        return output
+
+    def check_model(self, module) -> None:
+        """Once per generation: refuse what moves weights per call; drop the graphs when what they
+        were captured from changed (they are captured again)."""
+        graphs = self.adapter.graphs
+        offloading = offloading_of(module)
+        if offloading is not None:
+            raise GraphsRefused(f"specdiff cuda_graphs cannot replay a model whose weights move per call "
+                                f"({offloading}): remove the offloading or enable with cuda_graphs=False")
+        device = next(module.parameters()).device
+        if graphs.device_type is not None and device.type != graphs.device_type:
+            raise GraphsRefused(f"specdiff cuda_graphs=True needs the transformer on a CUDA device (it is on "
+                                f"{device}); move it, or enable with cuda_graphs=False")
+        fingerprint = model_fingerprint(module)
+        if fingerprint != self.fingerprint:
+            graphs.clear()
+            self.fingerprint = fingerprint
+
+    @torch.compiler.disable
+    def new_forward(self, module, *args, **kwargs):
+        adapter, runtime = self.adapter, self.adapter.runtime
+        original = self.fn_ref.original_forward
+        if runtime.phase is None and runtime.auto_num_steps is None:
+            return original(*args, **kwargs)  # a plain call
+        arguments = dict(self.signature.bind(*args, **kwargs).arguments)
+        hidden = arguments["hidden_states"]
+        prepared = runtime.prepare_step(runtime.context.timestep, hidden.shape[0], adapter.image_tokens(arguments),
+                                        hidden.device)
+        if prepared is None or prepared.phase != "real":
+            return original(*args, **kwargs)  # begin_step / end_step run the prepared step as without graphs
+        if runtime.generation != self.generation:
+            self.check_model(module)
+            self.generation = runtime.generation
+        return_dict = arguments.pop("return_dict", True)
+        tensors = {name: value for name, value in arguments.items() if isinstance(value, torch.Tensor)}
+        others = {name: value for name, value in arguments.items() if not isinstance(value, torch.Tensor)}
+        key = (prepared, tuple((n, t.shape, t.dtype, t.device) for n, t in tensors.items()),
+               tuple((n, _frozen(n, v)) for n, v in others.items()), torch.is_grad_enabled())
+        runtime.defer_finish = True
+        try:
+            sample = adapter.graphs.run(key, tensors, lambda static: original(**others, **static, return_dict=False)[0])
+        finally:
+            runtime.defer_finish = False
+        runtime.finish_step()
+        if not return_dict:
+            return (sample,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)
+
+
 class Adapter:
     """One per model family: the pieces of its transformer the engine hooks into."""
 
@@ -180,6 +308,7 @@ class Adapter:
         self._signature = inspect.signature(type(model).forward)
         self._default_compilation = BlockCompilation({})
         self.schedule: ScheduleReader | None = None  # set by enable when a pipeline (and its scheduler) drives the model
+        self.graphs: StepGraphs | None = None  # set by enable with cuda_graphs: real-pass calls replayed from graphs
 
     def compiled_block_forward(self, block, original):
         """The block class's forward compiled once for all its blocks, when the blocks are compiled
@@ -200,6 +329,10 @@ class Adapter:
 
     def make_processor(self, kv_slots, layer_index: int):
         """The family's attention processor for one layer; kv_slots: that layer's LayerKV per branch."""
+        raise NotImplementedError
+
+    def image_tokens(self, arguments: dict) -> int:
+        """Image tokens of a call, from its forward arguments (before the embedding runs)."""
         raise NotImplementedError
 
     def positions_of(self, positions, active: torch.Tensor):
@@ -272,6 +405,11 @@ class Adapter:
         ]
         if self.position_module:
             self._handles.append(model.get_submodule(self.position_module).register_forward_hook(self._on_positions))
+        if self.graphs is not None:
+            from diffusers.hooks import HookRegistry
+
+            HookRegistry.check_if_exists_or_initialize(model).register_hook(_StepGraphHook(self), _GRAPH_HOOK)
+            self.runtime.keep_buffers = True  # a graph reads the same buffers in every generation
         if self.runtime.policy.block_level:
             from diffusers.hooks import HookRegistry
 
@@ -288,6 +426,13 @@ class Adapter:
         for block in self._hooked_blocks:
             block._diffusers_hook.remove_hook(_BLOCK_HOOK, recurse=False)
         self._hooked_blocks = []
+        if self.graphs is not None:
+            registry = getattr(self.model, "_diffusers_hook", None)
+            if registry is not None and _GRAPH_HOOK in registry.hooks:
+                registry.remove_hook(_GRAPH_HOOK, recurse=False)
+            self.graphs.clear()
+            self.runtime.keep_buffers = False
+            self.runtime.release_buffers()
         if self._original_processors is not None:
             current = self.model.attn_processors
             for name, original in self._original_processors.items():

@@ -118,6 +118,9 @@ class FluxAdapter(Adapter):
         # FLUX pipelines never batch [uncond, cond]: guidance is embedded, and true CFG is a second call
         return 1
 
+    def image_tokens(self, arguments: dict) -> int:
+        return arguments["hidden_states"].shape[1]  # packed: (B, N, C)
+
     def make_processor(self, kv_slots, layer_index: int):
         return FluxTokenCachingProcessor(self.runtime.context, kv_slots, layer_index)
 

@@ -79,5 +79,10 @@ class SD3Adapter(Adapter):
         scale = arguments.get("guidance_scale")
         return 2 if scale is not None and scale > 1 else 1
 
+    def image_tokens(self, arguments: dict) -> int:
+        height, width = arguments["hidden_states"].shape[-2:]
+        patch = self.model.config.patch_size
+        return (height // patch) * (width // patch)
+
     def make_processor(self, kv_slots, layer_index: int):
         return SD3TokenCachingProcessor(self.runtime.context, kv_slots, layer_index)

@@ -53,7 +53,8 @@ class AttentionContext(threading.local):
 class LayerKV:
     """One attention layer's cached joint keys / values for one branch, (B, H, S, D) over image and text
     tokens in the layer's order. Held by the layer's processor (not looked up by name), so a compiled
-    block sees the same code for every layer and no per-layer constant."""
+    block sees the same code for every layer and no per-layer constant. Allocated by the first dense step
+    of a shape and written in place after it (the same address every step)."""
 
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -64,9 +65,9 @@ def joint_kv(ctx: AttentionContext, slots: list[LayerKV], image_key, image_value
     """Keys / values of every image token and the text tokens, (B, H, S, D), refreshed where active.
 
     image_key / image_value: (B, H, n, D) of the active image tokens (n = N on dense steps);
-    text_key / text_value: (B, H, T, D), or None when the layer has no text stream. A dense step stores
-    the joint tensors; a sparse step writes its active image rows and the text rows into them in place,
-    so attention reads one persistent buffer per layer and nothing of size N is copied.
+    text_key / text_value: (B, H, T, D), or None when the layer has no text stream. A dense step writes
+    every row into the slot's persistent buffer; a sparse step writes its active image rows and the text
+    rows, so attention reads one persistent buffer per layer and nothing of size N is copied.
     """
     def joined(image, text):
         if text is None:
@@ -76,19 +77,27 @@ def joint_kv(ctx: AttentionContext, slots: list[LayerKV], image_key, image_value
     if not ctx.enabled or ctx.kv_branch < 0:
         return joined(image_key, text_key), joined(image_value, text_value)
     slot = slots[ctx.kv_branch]
-    if ctx.active is None:
-        slot.keys, slot.values = joined(image_key, text_key), joined(image_value, text_value)
-        return slot.keys, slot.values
-    if slot.keys is None:
-        raise RuntimeError("sparse step before any dense step filled this layer's key/value cache")
-    if slot.keys.shape[0] != image_key.shape[0]:
-        raise RuntimeError("batch size changed inside one generation")
     text_length = 0 if text_key is None else text_key.shape[2]
+    if ctx.active is None:  # dense: every image row, written into the persistent buffer
+        batch, heads, _, dim = image_key.shape
+        shape = (batch, heads, image_key.shape[2] + text_length, dim)
+        if slot.keys is None or slot.keys.shape != shape or slot.keys.dtype != image_key.dtype \
+                or slot.keys.device != image_key.device:
+            slot.keys, slot.values = image_key.new_empty(shape), image_value.new_empty(shape)
+    elif slot.keys is None:
+        raise RuntimeError("sparse step before any dense step filled this layer's key/value cache")
+    elif slot.keys.shape[0] != image_key.shape[0]:
+        raise RuntimeError("batch size changed inside one generation")
     image_start = text_length if text_first else 0
     image_length = slot.keys.shape[2] - text_length
-    index = ctx.active[:, None, :, None].expand(-1, image_key.shape[1], -1, image_key.shape[-1])
+    index = None if ctx.active is None else ctx.active[:, None, :, None].expand(
+        -1, image_key.shape[1], -1, image_key.shape[-1])
     for cache, image, text in ((slot.keys, image_key, text_key), (slot.values, image_value, text_value)):
-        cache.narrow(2, image_start, image_length).scatter_(2, index, image)
+        image_rows = cache.narrow(2, image_start, image_length)
+        if index is None:
+            image_rows.copy_(image)
+        else:
+            image_rows.scatter_(2, index, image)
         if text is not None:
             cache.narrow(2, 0 if text_first else image_length, text_length).copy_(text)
     return slot.keys, slot.values

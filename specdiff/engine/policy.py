@@ -120,6 +120,8 @@ class StepSignals:
     observed_change: torch.Tensor | None = None  # (B, N) output change rate when each token last ran
     # (B, N) output change rate the speculative pass saw at the nearest speculative timestep (None: none)
     future_change: Callable[[float], torch.Tensor | None] = lambda timestep: None
+    # the policy's step_inputs, on the device (persistent buffers); empty on dense steps
+    inputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +201,29 @@ class Policy:
         """Block-level policies: a fresh per-branch state (their own dataclass), made at a branch's first step."""
         return None
 
+    # A step is planned in two parts, so that a step can be replayed from a CUDA graph: `dense_step` on the
+    # host (which tensors exist, the step index; it reads no tensor's values), then, for a sparse step,
+    # `select` as device work only: fixed shapes for a given token count, no host sync, no host value
+    # that changes from step to step (those come in through `step_inputs`).
+    def dense_step(self, signals: StepSignals) -> bool:
+        """Host only: whether this step runs every image token."""
+        return True
+
+    def select(self, signals: StepSignals) -> StepPlan:
+        """Device only: the plan of a sparse step (called when dense_step is False)."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse steps")
+
+    def step_inputs(self, signals: StepSignals) -> dict[str, torch.Tensor]:
+        """Host values a sparse step's select reads, as CPU tensors (e.g. random draws); the engine
+        copies them into persistent device buffers, read as signals.inputs[name]."""
+        return {}
+
     def plan(self, signals: StepSignals) -> StepPlan:
-        raise NotImplementedError
+        """Both parts: DENSE or the sparse plan (step_inputs copied to the signals' device)."""
+        if self.dense_step(signals):
+            return DENSE
+        inputs = {name: value.to(signals.device) for name, value in self.step_inputs(signals).items()}
+        return self.select(dataclasses.replace(signals, inputs=inputs) if inputs else signals)
 
     def run_block(self, state, call: "BlockCall") -> "BlockResult":
         """Block-level policies only: run, reuse or predict block `call.index` of this step."""

@@ -17,8 +17,9 @@ import time
 import torch
 
 from specdiff.engine.attention import AttentionContext, LayerKV
-from specdiff.engine.history import HISTORY_LENGTH, TokenHistory
-from specdiff.engine.policy import BlockCall, Policy, StepPlan, StepSignals
+from specdiff.engine.buffers import BufferPool, write_host_values
+from specdiff.engine.history import HISTORY_LENGTH, TokenHistory, approximation_weights, inverse_gap
+from specdiff.engine.policy import DENSE, BlockCall, Policy, StepPlan, StepSignals
 
 
 @dataclasses.dataclass
@@ -148,10 +149,31 @@ class StepEvent:
     plan: StepPlan
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedStep:
+    """Every host decision that shapes a step's device work: steps with equal PreparedSteps (and equal
+    inputs' shapes) issue the same kernels on the same buffers, so one CUDA graph serves them all."""
+
+    phase: str  # "speculative" or "real"
+    branch: int
+    dense: bool
+    tap_rows: int  # rows whose attention the taps measure (0: no taps)
+    history: int  # outputs stored before this step, at most HISTORY_LENGTH
+    change_seen: bool  # the history holds an observed change
+    attention: bool  # the previous step's taps are valid (the plan may read them)
+    future: int  # index of the speculative map the plan reads (-1: none)
+    future_change: int  # index of the speculative change map the plan reads (-1: none)
+    kv_branch: int
+    cfg_groups: int
+    batch: int
+    num_tokens: int
+    device: torch.device
+
+
 @dataclasses.dataclass
 class BranchState:
-    history: TokenHistory = dataclasses.field(default_factory=TokenHistory)
-    attention: torch.Tensor | None = None  # taps of the last step
+    history: TokenHistory
+    attention: torch.Tensor | None = None  # taps of the last step (a persistent buffer), None before any
     future: list[tuple[float, torch.Tensor]] = dataclasses.field(default_factory=list)
     # per speculative timestep, how fast each token's output moved since the previous speculative step
     future_change: list[tuple[float, torch.Tensor]] = dataclasses.field(default_factory=list)
@@ -162,7 +184,16 @@ class BranchState:
 
 
 class Runtime:
-    """One per accelerated transformer."""
+    """One per accelerated transformer.
+
+    A step runs in four parts: `prepare_step` (host: which branch, dense or sparse, taps, the policy's
+    host inputs and the step's scalars written to the device), `run_plan` (device: the sparse plan, the
+    taps buffer), `run_fill` (device: fill in the tokens that did not run, store the history) and
+    `finish_step` (host: bookkeeping, the summary). `begin_step` / `end_step`, called by the adapter's
+    hooks, run the first two and the last two; a step replayed from a CUDA graph runs only the device
+    parts in the graph, and the graph runner calls the host parts around it. Every tensor a step keeps
+    lives in `buffers` (or the layers' LayerKV slots) and is written in place.
+    """
 
     def __init__(self, policy: Policy, seed: int = 0, auto_num_steps: int | None = None,
                  auto_cfg_groups: int = 1) -> None:
@@ -171,6 +202,10 @@ class Runtime:
         self.auto_cfg_groups = auto_cfg_groups  # bare transformer: 2 when its batch is [uncond, cond]
         self.seed = seed
         self.context = AttentionContext()
+        self.buffers = BufferPool()
+        self.keep_buffers = False  # True (CUDA graphs): buffers outlive a generation, for the next one
+        self.defer_finish = False  # True while a graph runner calls finish_step itself
+        self.generation = 0  # generations started so far
         self._phase: str | None = None  # None: outside a generation, plain compute
         self._owner: int | None = None  # the thread running the generation
         self._busy = threading.Lock()
@@ -184,8 +219,14 @@ class Runtime:
         self._speculated_change: list[list[tuple[float, torch.Tensor]]] = []
         self._last_timestep: float | None = None
         self._branch = 0
+        self._prepared: PreparedStep | None = None
+        self._inputs: dict[str, torch.Tensor] = {}
         self._plan: StepPlan | None = None
         self._step_timestep = 0.0
+        self._scoring = 0.0
+        # what the device parts of each kind of step reported (C1 count, whether C2 is counted): the same
+        # for every step of a kind, and known on the host when a step is replayed without running them
+        self._step_facts: dict[PreparedStep, tuple[int, bool]] = {}
         self._generator = torch.Generator()
         self._started = 0.0
         self.observers: list = []  # called with a StepEvent per planned real step
@@ -209,6 +250,7 @@ class Runtime:
                 "or run the generations one after another"
             )
         self._owner = threading.get_ident()
+        self.generation += 1
         self.num_steps = num_steps
         self.cfg_groups = cfg_groups
         self.summary = GenerationSummary(self.policy.config.method, self.policy.config)
@@ -233,7 +275,8 @@ class Runtime:
         self.abort()
 
     def abort(self) -> None:
-        """Drop every per-generation tensor (also after an error)."""
+        """End the generation and drop its per-generation state (also after an error); the buffers
+        too unless keep_buffers."""
         if self._owner is not None and self._owner != threading.get_ident():
             return  # another thread's generation: not ours to end
         self._phase = None
@@ -246,13 +289,28 @@ class Runtime:
         self._speculated_change = []
         self._last_timestep = None
         self._plan = None
+        self._prepared = None
+        self._inputs = {}
+        self.defer_finish = False
         self.context.enabled = False
         self.context.kv_branch = -1
-        for slots in self.kv_slots:  # the caches are the largest per-generation tensors
-            for slot in slots:
-                slot.keys = slot.values = None
         self.context.active = None
         self.context.tap_sum = None
+        if not self.keep_buffers:
+            self.release_buffers()
+
+    def buffer_addresses(self) -> tuple:
+        """The data pointer of every persistent tensor (the pool and the key/value slots)."""
+        kv = tuple(None if slot.keys is None else (slot.keys.data_ptr(), slot.values.data_ptr())
+                   for slots in self.kv_slots for slot in slots)
+        return tuple(sorted(self.buffers.addresses().items())), kv
+
+    def release_buffers(self) -> None:
+        """Free every persistent buffer (the key/value caches are the largest)."""
+        self.buffers.clear()
+        for slots in self.kv_slots:
+            for slot in slots:
+                slot.keys = slot.values = None
 
     def _auto_boundaries(self, timestep: float) -> None:
         """Bare transformer: a generation ends when every branch has run num_steps steps, or when
@@ -282,7 +340,8 @@ class Runtime:
         while len(self._branches) <= self._branch:
             # the speculative pass always measures its tokens' change: a few dense steps, one norm each
             track = self.policy.reads_observed_change or self.phase == "speculative"
-            state = BranchState(history=TokenHistory(track_change=track))
+            name = (self.phase, len(self._branches))  # buffers per phase and branch: shapes differ between them
+            state = BranchState(history=TokenHistory(track_change=track, buffers=self.buffers, name=name))
             for slots in self.kv_slots:  # each layer's processor holds its own list of slots
                 while len(slots) <= len(self._branches):
                     slots.append(LayerKV())
@@ -293,8 +352,42 @@ class Runtime:
             self._branches.append(state)
         return self._branches[self._branch]
 
+    def _signals(self, branch: BranchState, batch: int, num_tokens: int, device, on_device: bool) -> StepSignals:
+        """What the policy reads. on_device=False: the host's view for dense_step (the maps as stored,
+        no device work); True: maps with a row per batch row, for select (device work)."""
+        rows = (lambda scores: rows_for(scores, batch)) if on_device else (lambda scores: scores)
+        return StepSignals(
+            step=branch.step,
+            num_steps=self.num_steps,
+            timestep=self._step_timestep,
+            batch=batch,
+            num_tokens=num_tokens,
+            device=device,
+            attention=rows(branch.attention),
+            future=lambda t, b=branch: rows(nearest_future(b.future, t)),
+            future_change=lambda t, b=branch: rows(nearest_future(b.future_change, t)),
+            cached_count=branch.history.cached_count,
+            last_outputs=branch.history.outputs,
+            observed_change=branch.history.observed_change,
+            cfg_groups=self.cfg_groups if batch % max(self.cfg_groups, 1) == 0 else 1,
+            generator=self._generator,
+            inputs=self._inputs if on_device else {},
+        )
+
     def begin_step(self, timestep: float, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
         """Plan this call; return (B, n) image tokens to run, or None for all."""
+        prepared = self._prepared
+        if prepared is None:
+            prepared = self.prepare_step(timestep, batch, num_tokens, device)
+            if prepared is None:
+                return None
+        elif (prepared.batch, prepared.num_tokens) != (batch, num_tokens):
+            raise RuntimeError(f"specdiff: the step was prepared for {prepared.batch} x {prepared.num_tokens} image "
+                               f"tokens but the model embedded {batch} x {num_tokens}")
+        return self.run_plan()
+
+    def prepare_step(self, timestep: float, batch: int, num_tokens: int, device: torch.device) -> PreparedStep | None:
+        """Host part of planning a call: its PreparedStep, or None for a plain call."""
         ctx = self.context
         if self.auto_num_steps is not None:
             self._auto_boundaries(timestep)
@@ -303,53 +396,90 @@ class Runtime:
             return None
         tic = time.perf_counter()
         branch = self._branch_for(timestep)
-        if branch.history.outputs and branch.history.outputs[0].shape[:2] != (batch, num_tokens):
+        history = branch.history
+        if history.shape is not None and tuple(history.shape[:2]) != (batch, num_tokens):
             raise RuntimeError(
                 f"the batch or image size changed inside one generation "
-                f"({tuple(branch.history.outputs[0].shape[:2])} -> {(batch, num_tokens)})"
+                f"({tuple(history.shape[:2])} -> {(batch, num_tokens)})"
             )
-        if self.phase == "speculative":
-            plan = StepPlan()
-        else:
-            signals = StepSignals(
-                step=branch.step,
-                num_steps=self.num_steps,
-                timestep=timestep,
-                batch=batch,
-                num_tokens=num_tokens,
-                device=device,
-                attention=rows_for(branch.attention, batch),
-                future=lambda t, b=branch: rows_for(nearest_future(b.future, t), batch),
-                future_change=lambda t, b=branch: rows_for(nearest_future(b.future_change, t), batch),
-                cached_count=branch.history.cached_count,
-                last_outputs=branch.history.outputs,
-                observed_change=branch.history.observed_change,
-                cfg_groups=self.cfg_groups if batch % max(self.cfg_groups, 1) == 0 else 1,
-                generator=self._generator,
-            )
-            plan = self.policy.plan(signals)
-            if plan.compute is not None and not branch.history.outputs:
-                plan = StepPlan()  # nothing cached yet: the first step always runs every token
-            for observer in self.observers:
-                observer(StepEvent(self._branch, branch.step, timestep, signals, plan))
-        self._plan = plan
         self._step_timestep = timestep
-        ctx.enabled = True
-        ctx.real_phase = self.phase == "real"
-        ctx.active = plan.compute
-        ctx.kv_branch = self._branch if self.policy.reads_kv_cache else -1  # no caches for methods that never read them
-        ctx.tap_seconds = 0.0
+        self._inputs = {}
+        dense, future, future_change = True, -1, -1
+        if self.phase == "real":
+            signals = self._signals(branch, batch, num_tokens, device, on_device=False)
+            # nothing cached yet: the first step always runs every token
+            dense = not history.count or self.policy.dense_step(signals)
+            if not dense:
+                future, future_change = nearest_index(branch.future, timestep), nearest_index(branch.future_change, timestep)
+                for name, value in self.policy.step_inputs(signals).items():
+                    buffer = self.buffers.get(("input", name), value.shape, value.dtype, device)
+                    write_host_values(buffer, value)
+                    self._inputs[name] = buffer
+        self._write_step_scalars(history, dense, timestep, device)
         taps = self.phase == "speculative" or self.policy.needs_attention_after(branch.step, self.num_steps)
-        ctx.tap_queries = self.policy.tap_queries if taps else 0
-        # one fp32 buffer the layers add into in place (the same tensor for every layer of the step); with
-        # fewer rows than the batch the taps read only the last rows, a CFG batch's conditional half
+        tap_queries = self.policy.tap_queries if taps else 0
+        # with fewer rows than the batch the taps read only the last rows, a CFG batch's conditional half
         cfg_batched = (self.cfg_groups == 2 and batch % 2 == 0
                        and (self.phase == "real" or self.policy.speculative_cfg))
-        tapped_rows = batch // 2 if cfg_batched and not self.policy.tap_cfg else batch
-        ctx.tap_sum = torch.zeros(tapped_rows, num_tokens, device=device) if taps and ctx.tap_queries > 0 else None
-        ctx.tap_include_text = self.policy.tap_include_text
+        tap_rows = (batch // 2 if cfg_batched and not self.policy.tap_cfg else batch) if tap_queries > 0 else 0
+        self._prepared = PreparedStep(
+            phase=self.phase, branch=self._branch, dense=dense, tap_rows=tap_rows, history=len(history),
+            change_seen=history.observed_change is not None, attention=branch.attention is not None,
+            future=future, future_change=future_change,
+            # no caches for methods that never read them, nor in the speculative pass (dense only)
+            kv_branch=self._branch if self.policy.reads_kv_cache and self.phase == "real" else -1,
+            cfg_groups=self.cfg_groups, batch=batch, num_tokens=num_tokens, device=torch.device(device),
+        )
         self._scoring = time.perf_counter() - tic
+        return self._prepared
+
+    def _write_step_scalars(self, history: TokenHistory, dense: bool, timestep: float, device) -> None:
+        """The step's host scalars, into one device buffer the device parts read: the approximation
+        weights of the last three outputs and 1 / the timestep distance to the last output."""
+        weights = not dense and len(history) >= HISTORY_LENGTH
+        gap = history.track_change and history.count > 0
+        if not (weights or gap):
+            return
+        values = approximation_weights(history.timesteps[:HISTORY_LENGTH], timestep) if weights else [0.0] * 3
+        values.append(inverse_gap(history.timesteps[0], timestep) if gap else 0.0)
+        write_host_values(self.buffers.get(("step scalars",), (4,), torch.float32, device), values)
+
+    def run_plan(self) -> torch.Tensor | None:
+        """Device part of planning: the sparse plan, the taps buffer; returns the tokens to run."""
+        ctx = self.context
+        prepared = self._prepared
+        branch = self._branches[prepared.branch]
+        tic = time.perf_counter()
+        plan = DENSE
+        if prepared.phase == "real":
+            if not prepared.dense or self.observers:
+                signals = self._signals(branch, prepared.batch, prepared.num_tokens, prepared.device, on_device=True)
+            if not prepared.dense:
+                plan = self.policy.select(signals)
+                self._step_facts[prepared] = (plan.compute.shape[1], plan.reuse is not None and prepared.history >= HISTORY_LENGTH)
+            if self.observers:
+                event = StepEvent(prepared.branch, branch.step, self._step_timestep, snapshot(signals), plan)
+                for observer in self.observers:
+                    observer(event)
+        self._plan = plan
+        ctx.enabled = True
+        ctx.real_phase = prepared.phase == "real"
+        ctx.active = plan.compute
+        ctx.kv_branch = prepared.kv_branch
+        ctx.tap_seconds = 0.0
+        ctx.tap_queries = self.policy.tap_queries if prepared.tap_rows else 0
+        ctx.tap_sum = None
+        if prepared.tap_rows:
+            # one fp32 buffer the layers add into in place (the same tensor for every layer of the step),
+            # zeroed after the plan read the previous step's taps from it
+            ctx.tap_sum = self._taps_buffer(prepared).zero_()
+        ctx.tap_include_text = self.policy.tap_include_text
+        self._scoring += time.perf_counter() - tic
         return plan.compute
+
+    def _taps_buffer(self, prepared: PreparedStep) -> torch.Tensor:
+        return self.buffers.get(("taps", prepared.phase, prepared.branch), (prepared.tap_rows, prepared.num_tokens),
+                                torch.float32, prepared.device)
 
     def run_block(self, index: int, num_blocks: int, block, tokens: torch.Tensor, text: torch.Tensor):
         """Run transformer block `index` as block(tokens, text) -> (text, tokens), or let a
@@ -377,41 +507,88 @@ class Runtime:
 
     def end_step(self, computed: torch.Tensor) -> torch.Tensor:
         """Take (B, n, P) outputs of the active tokens; return the full (B, N, P) grid."""
-        ctx = self.context
-        if self.phase is None:
+        if self.phase is None or self._prepared is None:
             return computed
+        output = self.run_fill(computed)
+        if not self.defer_finish:
+            self.finish_step()
+        return output
+
+    def run_fill(self, computed: torch.Tensor) -> torch.Tensor:
+        """Device part of ending a step: the full grid, stored in the history; the maps the step made."""
         tic = time.perf_counter()
-        branch = self._branches[self._branch]
-        plan = self._plan
-        had_three = len(branch.history) >= HISTORY_LENGTH
-        output = branch.history.assemble(computed, plan.compute, plan.reuse, self._step_timestep)
-        branch.history.record(output, plan.compute, self._step_timestep)
-        tapped = ctx.tap_sum is not None
-        if tapped and self.phase == "speculative":
-            branch.future.append((self._step_timestep, ctx.tap_sum))
-        if self.phase == "speculative" and branch.history.observed_change is not None:
-            branch.future_change.append((self._step_timestep, branch.history.observed_change))
-        branch.attention = ctx.tap_sum  # None when this step's taps were not needed
-        n_tokens = output.shape[1]
-        c1 = n_tokens if plan.compute is None else plan.compute.shape[1]
-        reused, pending = float(n_tokens - c1), None  # fewer than three outputs yet: every cached token copies
-        if plan.compute is not None and plan.reuse is not None and had_three:
-            computed_mask = torch.zeros_like(plan.reuse).scatter(1, plan.compute, True)
-            reused, pending = float("nan"), (plan.reuse & ~computed_mask).sum(1).float().mean()  # read by resolve()
+        ctx, prepared, plan = self.context, self._prepared, self._plan
+        branch = self._branches[prepared.branch]
+        history = branch.history
+        scalars = self.buffers.get(("step scalars",), (4,), torch.float32, computed.device)
+        weights = scalars[:HISTORY_LENGTH] if prepared.history >= HISTORY_LENGTH else None
+        output = history.assemble(computed, plan.compute, plan.reuse, weights)
+        history.store(output, plan.compute, scalars[HISTORY_LENGTH])
+        if prepared.phase == "speculative":  # the maps the real pass reads, kept per speculative step
+            if ctx.tap_sum is not None:
+                copy_into(self.buffers, ("future", prepared.branch, len(branch.future)), ctx.tap_sum)
+            if history.track_change and history.count:  # this step's change (store just wrote it)
+                copy_into(self.buffers, ("future change", prepared.branch, len(branch.future_change)), history._change)
+        if self._step_facts.get(prepared, (0, False))[1]:
+            # C2 count, read by GenerationSummary.resolve at the end (no host sync per step)
+            computed_mask = torch.zeros_like(plan.reuse).scatter_(1, plan.compute, True)
+            count = (plan.reuse & ~computed_mask).sum(1).float().mean()
+            self.buffers.get(("C2 count", prepared.branch), (), torch.float32, count.device).copy_(count)
+        self._scoring += time.perf_counter() - tic
+        return output
+
+    def finish_step(self) -> None:
+        """Host part of ending a step: the history's bookkeeping, the maps' validity, the summary."""
+        tic = time.perf_counter()
+        ctx, prepared = self.context, self._prepared
+        branch = self._branches[prepared.branch]
+        history = branch.history
+        if prepared.phase == "speculative":
+            if prepared.tap_rows:
+                branch.future.append((self._step_timestep, self.buffers.get(
+                    ("future", prepared.branch, len(branch.future)), (prepared.tap_rows, prepared.num_tokens),
+                    torch.float32, prepared.device)))
+            if history.track_change and history.count:
+                branch.future_change.append((self._step_timestep, self.buffers.get(
+                    ("future change", prepared.branch, len(branch.future_change)),
+                    (prepared.batch, prepared.num_tokens), torch.float32, prepared.device)))
+        history.advance(self._step_timestep)
+        # the taps buffer holds this step's taps when it was tapped; None when they were not needed
+        branch.attention = self._taps_buffer(prepared) if prepared.tap_rows else None
+        n_tokens = prepared.num_tokens
+        c1, counted = (n_tokens, False) if prepared.dense else self._step_facts[prepared]
+        reused = float(n_tokens - c1)  # fewer than three outputs yet: every cached token copies
+        if counted:
+            reused = float("nan")  # read by resolve()
         record = StepRecord(
-            phase=self.phase, branch=self._branch, step=branch.step, timestep=self._step_timestep,
-            kind="dense" if plan.compute is None else "sparse", computed=c1,
-            reused=reused, approximated=n_tokens - c1 - reused,
-            tokens=n_tokens, scoring_seconds=self._scoring + ctx.tap_seconds + time.perf_counter() - tic,
-            blocks_computed=self._blocks_computed(branch), tapped=tapped,
+            phase=prepared.phase, branch=prepared.branch, step=branch.step, timestep=self._step_timestep,
+            kind="dense" if prepared.dense else "sparse", computed=c1,
+            reused=reused, approximated=n_tokens - c1 - reused, tokens=n_tokens,
+            scoring_seconds=self._scoring + ctx.tap_seconds + time.perf_counter() - tic,
+            blocks_computed=self._blocks_computed(branch), tapped=prepared.tap_rows > 0,
         )
         self.summary.records.append(record)
-        if pending is not None:
-            self.summary.pending_reused.append((record, pending))
+        if counted:
+            count = self.buffers.get(("C2 count", prepared.branch), (), torch.float32, prepared.device)
+            self.summary.pending_reused.append((record, count.clone()))
         branch.step += 1
         ctx.active = None
         ctx.tap_sum = None
-        return output
+        self._prepared = None
+
+
+def copy_into(buffers: BufferPool, name: tuple, source: torch.Tensor) -> torch.Tensor:
+    """source copied into the persistent buffer `name`."""
+    return buffers.get(name, source.shape, source.dtype, source.device).copy_(source)
+
+
+def snapshot(signals: StepSignals) -> StepSignals:
+    """Signals an observer may keep: copies of the buffers that later steps overwrite in place."""
+    copy = lambda t: None if t is None else t.clone()  # noqa: E731
+    return dataclasses.replace(
+        signals, attention=copy(signals.attention), cached_count=copy(signals.cached_count),
+        observed_change=copy(signals.observed_change), last_outputs=[o.clone() for o in signals.last_outputs],
+        inputs={k: v.clone() for k, v in signals.inputs.items()})
 
 
 def rows_for(scores: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -424,12 +601,18 @@ def rows_for(scores: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     return scores.repeat(batch // scores.shape[0], 1)
 
 
-def nearest_future(future: list[tuple[float, torch.Tensor]], timestep: float) -> torch.Tensor | None:
-    """The speculative map at the closest timestep at or below `timestep`
-    (next in denoising order); the last one when none lies ahead."""
+def nearest_index(future: list[tuple[float, torch.Tensor]], timestep: float) -> int:
+    """Index of the speculative map at the closest timestep at or below `timestep` (next in denoising
+    order); the one at the smallest timestep when none lies ahead; -1 when there is none."""
     if not future:
-        return None
-    ahead = [(t, m) for t, m in future if t <= timestep]
+        return -1
+    ahead = [i for i, (t, _) in enumerate(future) if t <= timestep]
     if not ahead:
-        return min(future, key=lambda e: e[0])[1]
-    return max(ahead, key=lambda e: e[0])[1]
+        return min(range(len(future)), key=lambda i: future[i][0])
+    return max(ahead, key=lambda i: future[i][0])
+
+
+def nearest_future(future: list[tuple[float, torch.Tensor]], timestep: float) -> torch.Tensor | None:
+    """The speculative map nearest_index picks, or None."""
+    index = nearest_index(future, timestep)
+    return None if index < 0 else future[index][1]

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from specdiff.engine.policy import DENSE, BlockCall, BlockResult, Policy, StepPlan, StepSignals
+from specdiff.engine.policy import BlockCall, BlockResult, Policy
 
 
 class BlockLevelPolicy(Policy):
     """Every token runs (token plan is dense); run_block decides per block."""
 
     block_level = True
-
-    def plan(self, signals: StepSignals) -> StepPlan:
-        return DENSE
 
 
 def full_step(step: int, warmup_steps: int, interval: int) -> bool:

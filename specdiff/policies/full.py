@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from specdiff.engine.policy import DENSE, Policy, PolicyConfig, StepPlan, StepSignals
+from specdiff.engine.policy import Policy, PolicyConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,5 +16,4 @@ class FullComputeConfig(PolicyConfig):
 
 
 class FullComputePolicy(Policy):
-    def plan(self, signals: StepSignals) -> StepPlan:
-        return DENSE
+    """Every step dense (Policy.dense_step's default)."""

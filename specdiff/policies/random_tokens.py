@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from specdiff.engine.policy import SpeedKnob, DENSE, DenseScheduleConfig, Policy, StepPlan, StepSignals, check_range, top_tokens
+from specdiff.engine.policy import SpeedKnob, DenseScheduleConfig, Policy, StepPlan, StepSignals, check_range, top_tokens
 from specdiff.policies.specdiff import lowest_mass
 
 
@@ -44,8 +44,13 @@ class RandomTokensPolicy(Policy):
     config: RandomTokensConfig
     reads_kv_cache = True
 
-    def plan(self, signals: StepSignals) -> StepPlan:
-        if self.config.is_dense(signals.step) or not signals.last_outputs:
-            return DENSE
-        score = torch.rand(signals.batch, signals.num_tokens, generator=signals.generator).to(signals.device)
+    def dense_step(self, signals: StepSignals) -> bool:
+        return self.config.is_dense(signals.step) or not signals.last_outputs
+
+    def step_inputs(self, signals: StepSignals) -> dict[str, torch.Tensor]:
+        # drawn on the host from the per-generation generator, so a replayed step gets new draws
+        return {"score": torch.rand(signals.batch, signals.num_tokens, generator=signals.generator)}
+
+    def select(self, signals: StepSignals) -> StepPlan:
+        score = signals.inputs["score"]
         return StepPlan(compute=top_tokens(score, self.config.cache_ratio), reuse=lowest_mass(score, self.config.reuse_mass))

@@ -17,7 +17,6 @@ import torch
 
 from specdiff.engine.policy import (
     SpeedKnob,
-    DENSE,
     ConfigError,
     DenseScheduleConfig,
     Policy,
@@ -63,9 +62,10 @@ class RASPolicy(Policy):
     config: RASConfig
     reads_kv_cache = True
 
-    def plan(self, signals: StepSignals) -> StepPlan:
-        if self.config.is_dense(signals.step) or not signals.last_outputs:
-            return DENSE
+    def dense_step(self, signals: StepSignals) -> bool:
+        return self.config.is_dense(signals.step) or not signals.last_outputs
+
+    def select(self, signals: StepSignals) -> StepPlan:
         last = signals.last_outputs[0].float()
         score = last.std(dim=-1) if self.config.metric == "std" else last.norm(dim=-1)
         if signals.cached_count is not None:

@@ -27,7 +27,6 @@ import torch
 from specdiff.engine.policy import (
     ConfigError,
     SpeedKnob,
-    DENSE,
     DenseScheduleConfig,
     Policy,
     StepPlan,
@@ -176,9 +175,10 @@ class SpecDiffPolicy(Policy):
             score = share_across_cfg(score, signals.cfg_groups)
         return score
 
-    def plan(self, signals: StepSignals) -> StepPlan:
-        if self.config.is_dense(signals.step) or not self._ready(signals):
-            return DENSE
+    def dense_step(self, signals: StepSignals) -> bool:
+        return self.config.is_dense(signals.step) or not self._ready(signals)
+
+    def select(self, signals: StepSignals) -> StepPlan:
         importance = self.importance(signals)
         score = importance
         if self.config.starvation_scale > 0 and signals.cached_count is not None:
