@@ -3,6 +3,17 @@
     python benchmarks/engine_speed.py --width 512 --layers 4 --size 128 --steps 28 --repeats 3
     python benchmarks/engine_speed.py --preset sd3-medium --blocks 2      # per call, at SD3-medium's shapes
     python benchmarks/engine_speed.py --preset tiny --repeats 1           # the same code path in seconds (CI)
+    python benchmarks/engine_speed.py --host-overhead                     # host work per call, real block counts
+
+Host-overhead mode (--host-overhead): what a call costs the host, the bound of a launch-bound call on a
+GPU. Per kind of call (stock, dense through the engine, sparse SpecDiff / RAS at cache ratio 0.9, and the
+CUDA-graph path, whose host work is what runs outside the graph): operators issued, counted at the real
+models' block counts, widths and token counts (SD3-medium: 24 blocks, 4,096 image + 333 text tokens, CFG
+batch 2; FLUX.1-dev: 19 + 38 blocks, 4,096 + 512 tokens) on the meta device (dispatched, nothing
+computed); and host microseconds per call (median), timed on the CPU with the real block count at a
+negligible width (one head of 32) and 256 image + 32 text tokens, so that compute is small beside
+dispatch. A GPU adds a few microseconds of launch per operator eagerly, and one graph launch per
+replayed call.
 
 Per-call mode (--preset): a bare transformer with the preset's per-block shapes (SD3-medium / FLUX-dev
 at 1024 px: 4,096 image tokens; width, heads, text tokens, CFG batch as the real model) and --blocks
@@ -22,6 +33,7 @@ measures the engine's speed, not image quality.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -51,48 +63,66 @@ PRESETS = {
     "tiny-flux": dict(family="flux", width_heads=2, head_dim=32, image_side=8, text_tokens=12, batch=1,
                       joint_dim=32, pooled_dim=32, in_channels=16),
 }
+# the real models' blocks (FLUX: double-stream, single-stream), for --host-overhead
+REAL_BLOCKS = {"sd3-medium": 24, "flux-dev": (19, 38), "tiny": 2, "tiny-flux": (1, 1)}
 
 
-def build(preset: dict, layers: int, device, dtype):
-    """(transformer, call(step, num_steps) -> output) with random weights and inputs."""
+def build(preset: dict, layers, device, dtype):
+    """(transformer, call(step, num_steps) -> output) with random weights and inputs. layers: blocks, or for
+    FLUX (double, single) blocks. On the meta device the model is built there (no memory, no values)."""
+    torch.manual_seed(0)
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            model = _model(preset, layers)
+    else:
+        model = _model(preset, layers)
+    return model.to(device=device, dtype=dtype).eval(), _calls(preset, device, dtype)
+
+
+def _model(preset: dict, layers):
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    torch.manual_seed(0)
-    heads, head_dim, side, b = preset["width_heads"], preset["head_dim"], preset["image_side"], preset["batch"]
-    text = torch.randn(b, preset["text_tokens"], preset["joint_dim"], device=device, dtype=dtype)
-    pooled = torch.randn(b, preset["pooled_dim"], device=device, dtype=dtype)
+    heads, head_dim, side = preset["width_heads"], preset["head_dim"], preset["image_side"]
     if preset["family"] == "sd3":
-        model = SD3Transformer2DModel(
+        return SD3Transformer2DModel(
             sample_size=side * 2, patch_size=2, in_channels=preset["in_channels"], out_channels=preset["in_channels"],
             num_layers=layers, attention_head_dim=head_dim, num_attention_heads=heads,
             joint_attention_dim=preset["joint_dim"], caption_projection_dim=heads * head_dim,
             pooled_projection_dim=preset["pooled_dim"], pos_embed_max_size=max(96, side * 2),
         )
+    double, single = layers if isinstance(layers, tuple) else (max(1, layers // 2), max(1, layers - layers // 2))
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=preset["in_channels"], num_layers=double, num_single_layers=single,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=preset["joint_dim"],
+        pooled_projection_dim=preset["pooled_dim"], guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56) if head_dim == 128 else (8, 12, 12),
+    )
+
+
+def _calls(preset: dict, device, dtype):
+    """call(model, step, steps) with the preset's random inputs, the timestep falling over `steps`."""
+    side, b = preset["image_side"], preset["batch"]
+    text = torch.randn(b, preset["text_tokens"], preset["joint_dim"], device=device, dtype=dtype)
+    pooled = torch.randn(b, preset["pooled_dim"], device=device, dtype=dtype)
+    if preset["family"] == "sd3":
         latents = torch.randn(b, preset["in_channels"], side * 2, side * 2, device=device, dtype=dtype)
 
         def call(model, step, steps):
             t = torch.full((b,), 1000.0 * (1 - step / steps), device=device, dtype=dtype)
             return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
                          timestep=t, return_dict=False)[0]
-    else:
-        model = FluxTransformer2DModel(
-            patch_size=1, in_channels=preset["in_channels"], num_layers=max(1, layers // 2),
-            num_single_layers=max(1, layers - layers // 2), attention_head_dim=head_dim, num_attention_heads=heads,
-            joint_attention_dim=preset["joint_dim"], pooled_projection_dim=preset["pooled_dim"],
-            guidance_embeds=True, axes_dims_rope=(16, 56, 56) if head_dim == 128 else (8, 12, 12),
-        )
-        latents = torch.randn(b, side * side, preset["in_channels"], device=device, dtype=dtype)
-        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        image_ids = torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3).to(device, dtype)
-        text_ids = torch.zeros(preset["text_tokens"], 3, device=device, dtype=dtype)
-        guidance = torch.full((b,), 3.5, device=device, dtype=dtype)
+        return call
+    latents = torch.randn(b, side * side, preset["in_channels"], device=device, dtype=dtype)
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    image_ids = torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3).to(device, dtype)
+    text_ids = torch.zeros(preset["text_tokens"], 3, device=device, dtype=dtype)
+    guidance = torch.full((b,), 3.5, device=device, dtype=dtype)
 
-        def call(model, step, steps):
-            t = torch.full((b,), 1 - step / steps, device=device, dtype=dtype)
-            return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                         img_ids=image_ids, txt_ids=text_ids, guidance=guidance, return_dict=False)[0]
-
-    return model.to(device=device, dtype=dtype).eval(), call
+    def call(model, step, steps):
+        t = torch.full((b,), 1 - step / steps, device=device, dtype=dtype)
+        return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                     img_ids=image_ids, txt_ids=text_ids, guidance=guidance, return_dict=False)[0]
+    return call
 
 
 class CallTimer:
@@ -331,6 +361,137 @@ def measure_parts(args, sparse_call_seconds: float, ratio: float, both_halves_ca
     return rows
 
 
+class _KnownTimesteps:
+    """Stands in for a pipeline's schedule reader: the host knows each call's timestep (meta tensors
+    hold no value to read)."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def reset(self) -> None:
+        pass
+
+    def read(self, timestep, scale: float) -> float:
+        return self.value
+
+
+def measure_host_overhead(args) -> list[dict]:
+    """Per kind of call, operators issued and host microseconds (median), on the meta device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from specdiff.integration import _state_of
+
+    preset = PRESETS[args.preset]
+    dtype = getattr(torch, args.dtype)
+    counted = build(preset, REAL_BLOCKS[args.preset], "meta", dtype)
+    small = dict(preset, width_heads=1, head_dim=32, image_side=16, text_tokens=32, joint_dim=32, pooled_dim=32)
+    timed = build(small, REAL_BLOCKS[args.preset], "cpu", dtype)
+    steps = args.calls + 2
+    ratio = max(args.ratios)
+    dense = specdiff.SpecDiffConfig(warmup_steps=steps, speculative_steps=0)  # every step dense, through the engine
+    tapped = specdiff.SpecDiffConfig(cache_ratio=ratio, warmup_steps=1, reset_steps=(), speculative_steps=0)
+    ras = specdiff.RASConfig(cache_ratio=ratio, warmup_steps=1, reset_steps=())
+    options = {"cfg_batch": True} if preset["family"] == "sd3" and preset["batch"] == 2 else {}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+            self.paused = False  # inside a step run as a graph would be: not issued by the host
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and not self.paused:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def run(model_call, config, graphs: bool, count: bool):
+        """(kind, operators or None, host seconds) of every call of one generation."""
+        model, call = model_call
+        counter = Count() if count else contextlib.nullcontext()
+        results = []
+        if config is None:
+            for step in range(steps):
+                tic = time.perf_counter()
+                with counter:
+                    call(model, step, steps)
+                results.append(("stock", counter.count if count else None, time.perf_counter() - tic))
+                counter = Count() if count else counter
+            return results
+        specdiff.enable(model, config, num_inference_steps=steps, cuda_graphs="eager" if graphs else False, **options)
+        try:
+            state = _state_of(model)
+            state.adapter.schedule = schedule = _KnownTimesteps()
+            inside = [0.0]
+            if graphs:
+                run_graph = state.adapter.graphs.run
+
+                def timed_run(key, inputs, step_fn):
+                    def step(static):  # the step itself: replayed on a GPU, not issued by the host
+                        tic = time.perf_counter()
+                        if count:
+                            counter.paused = True
+                        try:
+                            return step_fn(static)
+                        finally:
+                            if count:
+                                counter.paused = False
+                            inside[0] += time.perf_counter() - tic
+                    return run_graph(key, inputs, step)
+                state.adapter.graphs.run = timed_run
+            for step in range(steps):
+                schedule.value = 1000.0 * (1 - step / steps)
+                inside[0] = 0.0
+                if count:
+                    counter.count = 0
+                tic = time.perf_counter()
+                with counter:
+                    call(model, step, steps)
+                host = time.perf_counter() - tic - inside[0]
+                kind = "graph" if graphs else state.runtime.summary.records[-1].kind
+                results.append((kind, counter.count if count else None, host))
+        finally:
+            specdiff.disable(model)
+        return results
+
+    rows = []
+    cases = [("stock", None, False, "stock"), ("full compute through the engine", dense, False, "dense"),
+             (f"SpecDiff {ratio:g}, tapped", tapped, False, "sparse"), (f"RAS {ratio:g}", ras, False, "sparse"),
+             (f"SpecDiff {ratio:g}, CUDA-graph path (host work outside the graph)", tapped, True, "graph"),
+             (f"RAS {ratio:g}, CUDA-graph path (host work outside the graph)", ras, True, "graph")]
+    samples = {name: [] for name, *_ in cases}
+    operators = {}
+    with torch.inference_mode():
+        for name, config, graphs, kind in cases:  # operators: one generation, real shapes
+            operators[name] = statistics.median(c[1] for c in run(counted, config, graphs, True) if c[0] == kind)
+        for repeat in range(args.repeats + 1):  # host time: interleaved rounds, round 0 warms up
+            for name, config, graphs, kind in cases:
+                calls = [c for c in run(timed, config, graphs, False) if c[0] == kind]
+                if repeat:
+                    samples[name] += calls
+    for name, *_ in cases:
+        calls = samples[name]
+        rows.append({"call": name, "calls": len(calls), "operators": operators[name],
+                     "host_us": 1e6 * statistics.median(c[2] for c in calls)})
+    return rows
+
+
+def host_table(rows, args) -> str:
+    blocks = REAL_BLOCKS[args.preset]
+    blocks = blocks if isinstance(blocks, int) else f"{blocks[0]} + {blocks[1]}"
+    p = PRESETS[args.preset]
+    lines = [f"{args.preset}: {blocks} blocks, batch {p['batch']}, {args.dtype}; operators counted at "
+             f"{p['image_side'] ** 2} image + {p['text_tokens']} text tokens and the real width (meta device); host "
+             f"time at 256 + 32 tokens, one head of 32, CPU, {torch.get_num_threads()} threads; medians over "
+             f"{args.repeats} rounds x {args.calls} calls", "",
+             "| call | calls | operators issued per call | host us per call | host us per operator |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['call']} | {r['calls']} | {r['operators']:.0f} | {r['host_us']:.0f} | "
+                     f"{r['host_us'] / max(r['operators'], 1):.1f} |")
+    return "\n".join(lines) + ("\n\noperators: ATen operators that are not views (each at least one kernel launch on a "
+                               "GPU); CUDA-graph path: the host's work per replayed call besides the graph launch "
+                               "itself (planning on the host, input copies, bookkeeping)")
+
+
 def calls_table(rows, args) -> str:
     p = PRESETS[args.preset]
     device = (torch.cuda.get_device_name(torch.device(args.device)) if torch.device(args.device).type == "cuda"
@@ -369,6 +530,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="--preset")
     p.add_argument("--compile", action="store_true", help="--preset: regional torch.compile of the blocks first")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="operators and host microseconds per call at the preset's real block count, on the meta device")
     p.add_argument("--parts", action="store_true",
                    help="--preset: also time the taps and the key/value write alone, as shares of a sparse call")
     p.add_argument("--tap-queries", type=int, default=None, help="--preset: SpecDiff's tap_queries (default: its default)")
@@ -386,6 +549,17 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.host_overhead:
+        rows = []
+        for preset in [args.preset] if args.preset else ["sd3-medium", "flux-dev"]:
+            args.preset, args.ratios = preset, [0.9] if args.ratios == [0.5, 0.8, 0.9, 0.95] else args.ratios
+            preset_rows = measure_host_overhead(args)
+            print(host_table(preset_rows, args) + "\n")
+            rows += [dict(r, preset=preset) for r in preset_rows]
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+        return rows
     if args.preset is not None:
         args.ratios = args.ratios if args.ratios != [0.5, 0.8, 0.9, 0.95] else [0.5, 0.9]
         rows = measure_calls(args)

@@ -4,6 +4,12 @@ full compute through the engine, SpecDiff's defaults, RAS 0.9, FORA, ToCa, Taylo
     python benchmarks/gpu_speed.py --out benchmarks/results/gpu-h100          # SD3-medium and FLUX.1-dev
     python benchmarks/gpu_speed.py --models sd3-medium --blocks 4             # fewer blocks (memory, time)
     python benchmarks/gpu_speed.py --tiny                                     # the same code path on the CPU
+    python benchmarks/gpu_speed.py --methods stock stock+compile specdiff specdiff+graphs fora+compile
+
+A method name may end in "+graphs" (enable(..., cuda_graphs=True): each kind of real-pass call replayed
+from a CUDA graph; on a CPU the same path without capture) and "+compile" (the blocks compiled with
+specdiff.compile_blocks for this method's generations only, so eager and compiled rows share one run).
+Speed-ups are given over eager stock and, when the run has a "stock+compile" row, over compiled stock.
 
 The transformers have the real configs (SD3-medium: 24 blocks, width 1536; FLUX.1-dev: 19 double + 38
 single blocks, width 3072), built directly on the device in bf16 with random weights; the text encoders
@@ -12,7 +18,7 @@ for FLUX), the VAE a small one with the real latent channels and 8x downsampling
 code runs at 1024 x 1024 px, 28 steps. Methods run interleaved, one generation each per round, after a
 warm-up round, which also counts each method's transformer FLOPs (FlopCounterMode); each generation
 timed with CUDA events; peak memory is torch.cuda.max_memory_allocated. --compile compiles the blocks
-(specdiff.compile_blocks) after the FLOP count, for stock and every method alike; if dynamo hits its
+(specdiff.compile_blocks) after the FLOP count, for stock and every method alike (or per method, "+compile"); if dynamo hits its
 recompile limit anywhere in the run (blocks then run eager for every method after it), every row is
 marked not valid in the table, and the method during which it happened is named.
 A budget guard stops adding rounds once --budget-minutes is spent (at least one timed round). Prints one
@@ -125,18 +131,86 @@ class RecompileLimitWatch(logging.Handler):
         logging.getLogger(self.LOGGER).removeHandler(self)
 
 
-def _method(name: str):
+def _method(name: str, device: str):
+    """A MethodSpec; name may end in "+graphs" and / or "+compile" (MethodSpec.compiled, set here)."""
+    import dataclasses
+
     from specdiff.evaluation.methods import MethodSpec, parse_method
     from specdiff.policies.full import FullComputeConfig
 
-    if name == "stock":
-        return MethodSpec("stock", None)
-    if name == "full":
-        return MethodSpec("full (engine)", FullComputeConfig())
-    return parse_method(name)
+    base, *flags = name.split("+")
+    unknown = set(flags) - {"graphs", "compile"}
+    if unknown:
+        raise SystemExit(f"--methods {name}: unknown suffix {'+'.join(sorted(unknown))} (allowed: +graphs, +compile)")
+    if base == "stock":
+        spec = MethodSpec("stock", None)
+    elif base == "full":
+        spec = MethodSpec("full (engine)", FullComputeConfig())
+    else:
+        spec = parse_method(base)
+    if "graphs" in flags:
+        if spec.config is None:
+            raise SystemExit(f"--methods {name}: graphs replay the engine's calls; use full+graphs for stock-equivalent steps")
+        spec = dataclasses.replace(spec, options={"cuda_graphs": True if torch.device(device).type == "cuda" else "eager"})
+    spec.label = spec.label + "".join(f" +{flag}" for flag in flags)
+    spec.compiled = "compile" in flags
+    return spec
+
+
+class CompiledBlocks:
+    """Regional compilation switched per method: compiled once (specdiff.compile_blocks), then each
+    generation runs with the blocks' compiled forwards on or off."""
+
+    def __init__(self, transformer) -> None:
+        import specdiff
+
+        self.blocks = [m for m in transformer.modules() if getattr(m, "_compiled_call_impl", None) is None]
+        specdiff.compile_blocks(transformer)
+        self.compiled = {m: m._compiled_call_impl for m in self.blocks if m._compiled_call_impl is not None}
+        self.use(False)
+
+    def use(self, on: bool) -> None:
+        for module, compiled in self.compiled.items():
+            module._compiled_call_impl = compiled if on else None
+
+
+class CallTimes:
+    """Per transformer call of one generation: the host's time to issue it (no sync inside) and, on a
+    GPU, its time on the GPU (CUDA events). A call whose host time reaches its GPU time is launch-bound."""
+
+    def __init__(self, transformer, cuda: bool) -> None:
+        self.cuda, self.calls, self._open = cuda, [], None
+        self.handles = [transformer.register_forward_pre_hook(self._start),
+                        transformer.register_forward_hook(self._end)]
+
+    def _event(self):
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _start(self, *args):
+        self._open = (time.perf_counter(), self._event())
+
+    def _end(self, *args):
+        host, start = self._open
+        self.calls.append((time.perf_counter() - host, start, self._event()))
+
+    def medians(self) -> tuple[float, float | None]:
+        """(host ms, GPU ms) per call, medians; call after the generation (syncs)."""
+        for handle in self.handles:
+            handle.remove()
+        if self.cuda:
+            torch.cuda.synchronize()
+        host = statistics.median(c[0] for c in self.calls) * 1000
+        gpu = statistics.median(s.elapsed_time(e) for _, s, e in self.calls) if self.cuda else None
+        return host, gpu
 
 
 def run_model(model: str, args, deadline: float) -> list[dict]:
+    import dataclasses
+
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if args.tiny:
@@ -144,73 +218,106 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
     else:
         pipe, call = real_size_pipeline(model, args.blocks, args.device, torch.bfloat16)
     call = dict(call, num_inference_steps=args.steps, output_type="latent" if args.latents else "pil")
-    methods = [_method(name) for name in args.methods]
+    methods = [_method(name, args.device) for name in args.methods]
+    for m in methods:
+        m.compiled = m.compiled or args.compile
+    compiled_blocks = None  # made after the FLOP count when any method compiles
 
     limit_hits = {m.label: 0 for m in methods}
     graphs = {m.label: 0 for m in methods}  # compiled by dynamo during the method's generations
 
-    def generate(spec, count_flops: bool = False) -> tuple[float, int]:
+    def generate(spec, count_flops: bool = False, per_call: bool = False):
         from torch._dynamo.utils import counters
 
+        if compiled_blocks is not None:
+            compiled_blocks.use(spec.compiled)
+        if count_flops:  # FLOPs of the eager path: a graph replays the same kernels, uncounted
+            spec = dataclasses.replace(spec, options={})
         before = counters["stats"]["unique_graphs"]
         with spec.active(pipe), RecompileLimitWatch() as watch:
             try:
-                return _generate(spec, count_flops)
+                return _generate(spec, count_flops, per_call)
             finally:
                 limit_hits[spec.label] += watch.hits
                 graphs[spec.label] += counters["stats"]["unique_graphs"] - before
 
-    def _generate(spec, count_flops: bool) -> tuple[float, int]:
-        if count_flops:  # the warm-up generation, run under the FLOP counter (it runs the same kernels)
-            return count_module_flops(lambda: pipe("a red fox in the snow",
-                                                   generator=torch.Generator().manual_seed(0), **call),
-                                      pipe.transformer)
+    def _generate(spec, count_flops: bool, per_call: bool):
+        run = lambda: pipe("a red fox in the snow", generator=torch.Generator().manual_seed(0), **call)  # noqa: E731
+        if count_flops:  # the first warm-up generation, run under the FLOP counter (it runs the same kernels)
+            return count_module_flops(run, pipe.transformer)
+        if per_call:
+            times = CallTimes(pipe.transformer, cuda)
+            run()
+            return times.medians()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         tic = time.perf_counter()
-        pipe("a red fox in the snow", generator=torch.Generator().manual_seed(0), **call)
+        run()
         if cuda:
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1000, torch.cuda.max_memory_allocated(device)
         return time.perf_counter() - tic, 0
 
+    errors: dict[str, str] = {}  # a method that failed is reported and left out of later rounds
+
+    def guarded(m, **options):
+        if m.label in errors:
+            return None
+        try:
+            return generate(m, **options)
+        except Exception as error:  # noqa: BLE001 - one method's failure must not cost the whole run
+            errors[m.label] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            print(f"{model} {m.label}: failed, left out: {errors[m.label]}", flush=True)
+            return None
+
     times = {m.label: [] for m in methods}
     peaks = {m.label: 0 for m in methods}
-    flops = {m.label: generate(m, count_flops=True) for m in methods}  # warm-up round: first-call costs
-    if args.compile:  # after the FLOP count (eager), then a second warm-up round pays the compilation
-        import specdiff
-
-        specdiff.compile_blocks(pipe.transformer)
-        for m in methods:
-            generate(m)
+    flops = {m.label: guarded(m, count_flops=True) for m in methods}  # warm-up round: first-call costs
+    if any(m.compiled for m in methods):
+        compiled_blocks = CompiledBlocks(pipe.transformer)
+    for m in methods:  # a second warm-up round: compilation, CUDA-graph captures (a kind's second call)
+        guarded(m)
     rounds = 0
     while rounds < args.rounds and (rounds == 0 or time.perf_counter() < deadline):
         for m in methods:
-            seconds, peak = generate(m)
-            times[m.label].append(seconds)
-            peaks[m.label] = max(peaks[m.label], peak)
+            result = guarded(m)
+            if result is not None:
+                times[m.label].append(result[0])
+                peaks[m.label] = max(peaks[m.label], result[1])
         rounds += 1
-    stock = statistics.median(times["stock"])
+    call_times = {m.label: guarded(m, per_call=True) or (None, None) for m in methods}  # one more, hooked
+    if "stock" in errors or not times["stock"]:
+        raise RuntimeError(f"{model}: stock failed ({errors.get('stock')}), nothing to compare with")
+    medians = {label: statistics.median(t) if t else None for label, t in times.items()}
+    stock = medians["stock"]
+    compiled_stock = medians.get("stock +compile")
     transformer = pipe.transformer
     blocks = sum(len(getattr(transformer, n, [])) for n in ("transformer_blocks", "single_transformer_blocks"))
     rows = []
     for m in methods:
+        if m.label in errors or medians[m.label] is None:
+            rows.append({"model": model + (" (tiny)" if args.tiny else ""), "blocks": blocks, "method": m.label,
+                         "error": errors.get(m.label, "no timed round")})
+            continue
+        flops_ratio = flops["stock"] / flops[m.label] if flops[m.label] else None
         rows.append({
             "model": model + (" (tiny)" if args.tiny else ""), "blocks": blocks, "method": m.label,
-            "seconds_median": statistics.median(times[m.label]), "seconds": times[m.label],
-            "speedup_vs_stock": stock / statistics.median(times[m.label]),
-            "transformer_flops": flops[m.label],
-            "flops_ratio_vs_stock": flops["stock"] / flops[m.label] if flops[m.label] else None,
+            "seconds_median": medians[m.label], "seconds": times[m.label],
+            "speedup_vs_stock": stock / medians[m.label],
+            "speedup_vs_compiled_stock": compiled_stock / medians[m.label] if compiled_stock else None,
+            "transformer_flops": flops[m.label], "flops_ratio_vs_stock": flops_ratio,
+            "efficiency": stock / medians[m.label] / flops_ratio if flops_ratio else None,
+            "host_ms_per_call": call_times[m.label][0], "gpu_ms_per_call": call_times[m.label][1],
             "peak_memory_gib": peaks[m.label] / 2**30 if cuda else None,
             "peak_vs_stock": peaks[m.label] / peaks["stock"] if cuda and peaks["stock"] else None,
             "rounds": rounds, "steps": args.steps, "recompile_limit_hits": limit_hits[m.label],
-            "graphs_compiled": graphs[m.label] if args.compile else None,
+            "graphs_compiled": graphs[m.label] if m.compiled else None,
             # after a hit the code object runs eager wherever its variants miss, for every method that follows
-            "compiled_timing_valid": (sum(limit_hits.values()) == 0) if args.compile else None,
+            "compiled_timing_valid": (sum(limit_hits.values()) == 0) if compiled_blocks is not None else None,
         })
     pipe = None  # free the model before the next one is built
     if cuda:
@@ -220,19 +327,27 @@ def run_model(model: str, args, deadline: float) -> list[dict]:
 
 def table(rows, device_name: str) -> str:
     lines = [f"{device_name}; medians of interleaved rounds (CUDA events on a GPU)", "",
-             "| model | blocks | method | s / image | speed-up vs stock | FLOPs ratio | speed-up / FLOPs ratio "
-             "| peak GiB | peak vs stock | rounds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | blocks | method | s / image | speed-up vs stock | vs compiled stock | FLOPs ratio "
+             "| efficiency | host ms / call | GPU ms / call | peak GiB | peak vs stock | rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    number = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
     for r in rows:
-        peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
-        ratio = f"{r['peak_vs_stock']:.3f}" if r["peak_vs_stock"] is not None else "-"
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['blocks']} | {r['method']} | failed: {r['error']} |" + " |" * 9)
+            continue
         fr = r["flops_ratio_vs_stock"]
-        flops = f"{fr:.2f}x | {r['speedup_vs_stock'] / fr:.0%}" if fr else "- | -"
         method = r["method"] + (" (recompile limit hit here)" if r.get("recompile_limit_hits") else "")
         method += " (not valid: some blocks ran eager)" if r.get("compiled_timing_valid") is False else ""
         lines.append(f"| {r['model']} | {r['blocks']} | {method} | {r['seconds_median']:.3f} | "
-                     f"{r['speedup_vs_stock']:.2f}x | {flops} | {peak} | {ratio} | {r['rounds']} |")
-    return "\n".join(lines)
+                     f"{r['speedup_vs_stock']:.2f}x | {number(r.get('speedup_vs_compiled_stock'), '.2f')}x | "
+                     f"{number(fr, '.2f')}x | {number(r.get('efficiency'), '.0%')} | "
+                     f"{number(r.get('host_ms_per_call'), '.2f')} | {number(r.get('gpu_ms_per_call'), '.2f')} | "
+                     f"{number(r['peak_memory_gib'], '.2f')} | {number(r['peak_vs_stock'], '.3f')} | {r['rounds']} |")
+    lines += ["", "efficiency = speed-up over eager stock / FLOPs ratio (100 %: the whole FLOPs cut turned into time); "
+              "host ms / call: the host's time to issue one transformer call, GPU ms / call: its time on the GPU "
+              "(medians over one more generation; a call whose host time reaches its GPU time is launch-bound); "
+              "+graphs: CUDA-graph replay (on a CPU, the same path without capture); +compile: blocks compiled"]
+    return "\n".join(lines).replace("-x |", "- |")
 
 
 def main(argv=None) -> list[dict]:
@@ -245,7 +360,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--budget-minutes", type=float, default=8.0, help="the whole run, both models")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true",
-                   help="regional torch.compile of the blocks (specdiff.compile_blocks), for every method and stock")
+                   help="regional torch.compile of the blocks for every method (else per method: name+compile)")
     p.add_argument("--latents", action="store_true", help="stop before the VAE decode")
     p.add_argument("--tiny", action="store_true", help="tiny pipelines on the CPU: the same code path, in seconds")
     p.add_argument("--out", type=Path, default=None, help="folder for results.jsonl and results.md")
@@ -253,6 +368,8 @@ def main(argv=None) -> list[dict]:
     if args.tiny:
         args.device, args.steps = "cpu", min(args.steps, 6)
     started = time.perf_counter()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     rows = []
     for i, model in enumerate(args.models):
         # each model gets an equal share of what is left of the budget
@@ -260,15 +377,13 @@ def main(argv=None) -> list[dict]:
         for row in run_model(model, args, time.perf_counter() + share):
             print(json.dumps(row))
             rows.append(row)
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    text = table(rows, name + f", torch {torch.__version__}" + (", blocks compiled" if args.compile else "")
-                 + f", {(time.perf_counter() - started) / 60:.1f} min")
+        text = table(rows, name + f", torch {torch.__version__}" + (", blocks compiled" if args.compile else "")
+                     + f", {(time.perf_counter() - started) / 60:.1f} min")
+        if args.out is not None:  # after each model: a later one running out of time loses only itself
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (args.out / "results.md").write_text(text + "\n")
     print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (args.out / "results.md").write_text(text + "\n")
     return rows
 
 

@@ -1,40 +1,43 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should run, as one prepared call (at most 10 minutes; each stage has its own timeout, and
-# whatever a stage wrote under $OUT comes back even if a later one runs out of time):
-#   1. only with TRAIN_MINUTES > 0: embedded v2's larger configuration trained (issue 11)  -> $OUT/train/
-#      (session 8: 3.5 minutes of the 8-block model from scratch gave 1 % exact scenes, far too few steps;
-#      next: INIT=specdiff/reference/weights_v2 LR=5e-4 TRAIN_MINUTES=3 continues the shipped model;
-#      add GROW=8 to deepen it from the shipped function, see scripts/gpu_train_v2.sh)
-#   2. whole SD3-medium generations with compiled blocks, token-level methods (issue 10) -> $OUT/speed/
-#   3. one compiled transformer call per method at SD3-medium's shapes (issue 10) -> $OUT/calls.json
-# device run: carry [".whl", ".gpu"], command "bash scripts/gpu_session.sh", timeout_s 600. Prepare .whl and .gpu
-# as scripts/gpu_train_v2.sh says; the tree plus both must stay under the device tool's 64 MiB.
-# Tiny test on a CPU: TINY=1 OUT=/tmp/o bash scripts/gpu_session.sh
+# whatever a stage wrote under $OUT comes back even if a later one runs out of time). Speed first:
+#   1. whole SD3-medium generations (real config, random weights, bf16, 1024 px, 28 steps): eager and compiled
+#      stock, the CUDA-graph path (full compute, SpecDiff, RAS 0.9), SpecDiff eager, compiled SpecDiff with
+#      graphs, FORA / TaylorSeer eager and FORA compiled, in one interleaved run          -> $OUT/sd3-medium/
+#   2. the same for FLUX.1-dev, fewer methods and one timed round                         -> $OUT/flux-dev/
+#   3. only with TRAIN_MINUTES > 0: the embedded model's training on the GPU              -> $OUT/train/
+# Device run: carry [".whl"] (diffusers' wheel: the GPU machine has none; .venv/bin/pip download diffusers==<the
+# version setup.sh installs> --no-deps -d .whl), command "bash scripts/gpu_session.sh", timeout_s 600.
+# Add ".gpu" to carry and TRAIN_MINUTES=N for training (scripts/gpu_train_v2.sh says how to prepare it).
+# Tiny test on a CPU: PATH=$PWD/.venv/bin:$PATH TINY=1 OUT=/tmp/o bash scripts/gpu_session.sh
 set -uo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 TRAIN_MINUTES=${TRAIN_MINUTES:-0}
 source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+SD3_METHODS="stock stock+compile full+graphs specdiff specdiff+graphs specdiff+graphs+compile ras:cache_ratio=0.9+graphs fora taylorseer fora+compile"
+FLUX_METHODS="stock full+graphs specdiff specdiff+graphs ras:cache_ratio=0.9+graphs fora taylorseer"
 if [ -n "${TINY:-}" ]; then
-    TRAIN_ENV="DEVICE=cpu LAYERS=1 BATCH=2 WORKERS=1" TRAIN_MINUTES=0.2
-    SPEED_ARGS="--tiny --rounds 1 --steps 3 --latents --models sd3-medium --methods stock specdiff fora"
-    CALL_ARGS="--device cpu --width 64 --layers 1 --heads 2 --size 32 --ratios 0.9 --repeats 1 --steps 4 --warmup-steps 1"
+    COMMON="--tiny --steps 3 --latents --rounds 1"
+    SD3_METHODS="stock full+graphs specdiff specdiff+graphs ras:cache_ratio=0.9+graphs fora"
+    FLUX_METHODS="stock specdiff+graphs fora"
+    TRAIN_ENV="DEVICE=cpu LAYERS=1 BATCH=2 WORKERS=1" TRAIN_MINUTES=${TRAIN_MINUTES/#0/}
 else
+    COMMON="--latents"
     TRAIN_ENV=""
-    SPEED_ARGS="--compile --models sd3-medium --methods stock specdiff ras:cache_ratio=0.9 fora taylorseer --rounds 3 --budget-minutes 4"
-    # with training first, the speed stage gets less so that the whole call stays under 10 minutes
-    [ "$TRAIN_MINUTES" != 0 ] && SPEED_ARGS="--compile --models sd3-medium --methods stock specdiff ras:cache_ratio=0.9 fora --rounds 2 --budget-minutes 1.5"
-    CALL_ARGS="--preset sd3-medium --device cuda --dtype bfloat16 --blocks 4 --calls 3 --compile"
 fi
-mkdir -p "$OUT/train" "$OUT/speed"
+mkdir -p "$OUT"
 start=$SECONDS
-if [ "$TRAIN_MINUTES" != 0 ]; then
-    echo "== 1. training ($TRAIN_MINUTES min)"
+echo "== 1. SD3-medium, whole generations"
+timeout 300 python3 benchmarks/gpu_speed.py $COMMON --models sd3-medium --methods $SD3_METHODS --rounds 2 \
+    --budget-minutes 3 --out "$OUT/sd3-medium" 2>&1 | grep -v "it/s\]\|kept in float32" | tail -n 20
+echo "== 2. FLUX.1-dev, whole generations ($(( SECONDS - start )) s so far)"
+timeout $(( 560 - (SECONDS - start) )) python3 benchmarks/gpu_speed.py $COMMON --models flux-dev --methods $FLUX_METHODS \
+    --rounds 1 --budget-minutes 2 --out "$OUT/flux-dev" 2>&1 | grep -v "it/s\]\|kept in float32" | tail -n 14
+if [ -n "$TRAIN_MINUTES" ] && [ "$TRAIN_MINUTES" != 0 ]; then
+    echo "== 3. training ($TRAIN_MINUTES min, $(( SECONDS - start )) s so far)"
+    mkdir -p "$OUT/train"
     env $TRAIN_ENV MINUTES=$TRAIN_MINUTES OUT="$OUT/train" timeout $(( ${TRAIN_MINUTES%.*} * 60 + 150 )) \
         bash scripts/gpu_train_v2.sh 2>&1 | grep -v "should be kept in float32" | tail -n 20
 fi
-echo "== 2. whole generations, compiled ($(( SECONDS - start )) s so far)"
-timeout $([ "$TRAIN_MINUTES" != 0 ] && echo 180 || echo 330) python3 benchmarks/gpu_speed.py $SPEED_ARGS --out "$OUT/speed" 2>&1 | grep -v "it/s\]" | tail -n 30
-echo "== 3. one call per method, compiled ($(( SECONDS - start )) s so far)"
-timeout 150 python3 benchmarks/engine_speed.py $CALL_ARGS --out "$OUT/calls.json" 2>&1 | tail -n 30
 echo "== done in $(( SECONDS - start )) s"; ls -lR "$OUT"

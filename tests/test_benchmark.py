@@ -320,13 +320,45 @@ def _load_benchmark(name):
 def test_gpu_benchmark_runs_its_whole_code_path_tiny_on_the_cpu(tmp_path):
     gpu_speed = _load_benchmark("gpu_speed")
     rows = gpu_speed.main(["--tiny", "--rounds", "1", "--steps", "3", "--latents", "--methods", "stock", "full",
-                           "specdiff", "fora", "--out", str(tmp_path)])
+                           "specdiff", "specdiff+graphs", "fora", "--out", str(tmp_path)])
     assert [(r["model"], r["method"]) for r in rows] == [
         (model, method) for model in ("sd3-medium (tiny)", "flux-dev (tiny)")
-        for method in ("stock", "full (engine)", "specdiff", "fora")]
-    assert all(r["seconds_median"] > 0 and r["rounds"] == 1 for r in rows)
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 8
+        for method in ("stock", "full (engine)", "specdiff", "specdiff +graphs", "fora")]
+    assert all(r["seconds_median"] > 0 and r["rounds"] == 1 and r["host_ms_per_call"] > 0 for r in rows)
+    by = {(r["model"], r["method"]): r for r in rows}
+    for model in ("sd3-medium (tiny)", "flux-dev (tiny)"):  # the graph path runs the same FLOPs
+        assert by[(model, "specdiff +graphs")]["transformer_flops"] == by[(model, "specdiff")]["transformer_flops"]
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 10
     assert "speed-up vs stock" in (tmp_path / "results.md").read_text()
+
+
+def test_gpu_benchmark_reports_a_failing_method_and_goes_on(tmp_path, monkeypatch):
+    """A method that fails on the GPU (e.g. a capture error) is reported in its row; the others are timed."""
+    gpu_speed = _load_benchmark("gpu_speed")
+    from specdiff.engine.graphs import StepGraphs
+
+    def broken(self, *args):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(StepGraphs, "run", broken)
+    rows = gpu_speed.main(["--tiny", "--rounds", "1", "--steps", "3", "--latents", "--models", "sd3-medium",
+                           "--methods", "stock", "ras+graphs", "ras", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["stock", "ras +graphs", "ras"]
+    assert rows[1]["error"] == "RuntimeError: capture failed" and rows[2]["seconds_median"] > 0
+    assert "failed: RuntimeError: capture failed" in (tmp_path / "results.md").read_text()
+
+
+def test_host_overhead_benchmark_counts_operators_and_host_time(tmp_path):
+    engine_speed = _load_benchmark("engine_speed")
+    rows = engine_speed.main(["--host-overhead", "--preset", "tiny", "--repeats", "1", "--calls", "2",
+                              "--out", str(tmp_path / "host.json")])
+    by = {r["call"].split(",")[0] if "graph" not in r["call"] else r["call"].split(",")[0] + " graph": r for r in rows}
+    assert set(by) == {"stock", "full compute through the engine", "SpecDiff 0.9", "RAS 0.9", "SpecDiff 0.9 graph",
+                       "RAS 0.9 graph"}
+    # a sparse call issues at least as many operators as a dense one; the graph path issues a handful
+    assert by["SpecDiff 0.9"]["operators"] >= by["stock"]["operators"] > 50
+    assert by["SpecDiff 0.9 graph"]["operators"] < 20 and by["RAS 0.9 graph"]["operators"] < 20
+    assert all(r["host_us"] > 0 and r["calls"] >= 2 for r in rows)
 
 
 def test_gpu_benchmark_builds_sd3_medium_shapes():

@@ -88,16 +88,17 @@ def joint_kv(ctx: AttentionContext, slots: list[LayerKV], image_key, image_value
         raise RuntimeError("sparse step before any dense step filled this layer's key/value cache")
     elif slot.keys.shape[0] != image_key.shape[0]:
         raise RuntimeError("batch size changed inside one generation")
+    if ctx.active is None:  # one operator per tensor, as the plain concatenation
+        torch.cat([text_key, image_key] if text_first else [image_key, text_key], dim=2, out=slot.keys) \
+            if text_key is not None else slot.keys.copy_(image_key)
+        torch.cat([text_value, image_value] if text_first else [image_value, text_value], dim=2, out=slot.values) \
+            if text_value is not None else slot.values.copy_(image_value)
+        return slot.keys, slot.values
     image_start = text_length if text_first else 0
     image_length = slot.keys.shape[2] - text_length
-    index = None if ctx.active is None else ctx.active[:, None, :, None].expand(
-        -1, image_key.shape[1], -1, image_key.shape[-1])
+    index = ctx.active[:, None, :, None].expand(-1, image_key.shape[1], -1, image_key.shape[-1])
     for cache, image, text in ((slot.keys, image_key, text_key), (slot.values, image_value, text_value)):
-        image_rows = cache.narrow(2, image_start, image_length)
-        if index is None:
-            image_rows.copy_(image)
-        else:
-            image_rows.scatter_(2, index, image)
+        cache.narrow(2, image_start, image_length).scatter_(2, index, image)
         if text is not None:
             cache.narrow(2, 0 if text_first else image_length, text_length).copy_(text)
     return slot.keys, slot.values

@@ -50,7 +50,7 @@ class GenerationSummary:
 
     def resolve(self) -> GenerationSummary:
         """Fill the C2 / C3 counts of sparse steps from the device (one transfer)."""
-        if self.pending_reused:
+        if self.pending_reused and self.pending_reused[0][1].device.type != "meta":  # meta: no values (host-overhead runs)
             counts = torch.stack([c for _, c in self.pending_reused]).tolist()
             for (record, _), reused in zip(self.pending_reused, counts):
                 record.reused = reused

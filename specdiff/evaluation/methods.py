@@ -19,6 +19,7 @@ class MethodSpec:
     config: object | None  # None = full compute, no engine
     peer: tuple[str, dict] | None = None  # another library's cache (evaluation/peers.py)
     steps: int | None = None  # "full:steps=N": full compute with fewer steps (None = the run's --steps)
+    options: dict = dataclasses.field(default_factory=dict)  # for specdiff.enable, e.g. cuda_graphs
 
     @contextlib.contextmanager
     def active(self, pipe):
@@ -34,7 +35,7 @@ class MethodSpec:
         if self.config is None:
             yield None
             return
-        with specdiff.accelerated(pipe, self.config) as get_summary:
+        with specdiff.accelerated(pipe, self.config, **self.options) as get_summary:
             yield get_summary
 
 
