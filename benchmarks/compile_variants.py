@@ -16,10 +16,10 @@ import time
 import torch
 
 import specdiff
-from specdiff.policies.registry import POLICIES, config_for
-from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+from specdiff.lab.studies import POLICIES, config_for
+from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
-EXTRA = [("specdiff", {"importance": "change"}), ("specdiff", {"importance": "spec-change"}),
+EXTRA = [("specdiff-study", {"importance": "change"}), ("specdiff-study", {"importance": "spec-change"}),
          ("specdiff", {"tap_queries": 16}), ("ras", {"cache_ratio": 0.5})]
 
 

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from specdiff.reference.model import build_transformer
-from specdiff.reference.scenes import V2
+from specdiff.lab.embedded.model import build_transformer
+from specdiff.lab.embedded.scenes import V2
 
 VARIANTS = {
     "patch 4, 4 layers, width 192 (chosen)": {},

@@ -19,7 +19,7 @@ Per-call mode (--preset): a bare transformer with the preset's per-block shapes 
 at 1024 px: 4,096 image tokens; width, heads, text tokens, CFG batch as the real model) and --blocks
 blocks, called as in a generation with the timestep falling. Per method the stock call and SpecDiff's
 sparse calls at each cache ratio, tapped (the paper's score: attention taps run) and untapped
-(importance="change": no taps); speculation off (it is dense calls at other timesteps). Each call timed
+(specdiff-study's importance="change": no taps); speculation off (it is dense calls at other timesteps). Each call timed
 alone, wall-clock and process CPU time, the whole call and the span of its blocks; FLOPs per call and
 per block span by FlopCounterMode in a separate pass.
 
@@ -45,8 +45,8 @@ import torch
 from tqdm.auto import tqdm
 
 import specdiff
-from specdiff.evaluation.flops import count_module_flops
-from specdiff.tiny_pipelines import tiny_sd3_pipeline
+from specdiff.lab.evaluation.flops import count_module_flops
+from specdiff.lab.tiny_pipelines import tiny_sd3_pipeline
 
 
 
@@ -171,7 +171,7 @@ def call_flops(model, fn) -> tuple[int, int]:
     """(FLOPs of the whole call, FLOPs inside its blocks), by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from specdiff.evaluation.flops import _extra_mapping
+    from specdiff.lab.evaluation.flops import _extra_mapping
 
     counter = FlopCounterMode(display=False, custom_mapping=_extra_mapping())
     with counter:
@@ -228,15 +228,21 @@ def measure_calls(args) -> list[dict]:
     # one dense call, a second one when the score needs an observed change first, then the sparse calls
     steps = args.calls + 2
 
+    try:  # the study method has the untapped score ("change") and both-halves taps
+        from specdiff.lab.studies import SpecDiffStudyConfig
+    except ImportError:  # an older specdiff (benchmarks/before_after.py): they are SpecDiffConfig's fields
+        SpecDiffStudyConfig = specdiff.SpecDiffConfig
+
     def config(ratio, tapped, **extra):
         # speculation off (it is dense calls at other timesteps); "change" needs no attention taps
         taps = {"tap_queries": args.tap_queries} if args.tap_queries else {}
-        return specdiff.SpecDiffConfig(cache_ratio=ratio, speculative_steps=0, warmup_steps=1, reset_steps=(),
-                                       **(taps if tapped else {"importance": "change"}), **extra)
+        kind = specdiff.SpecDiffConfig if tapped and not extra else SpecDiffStudyConfig
+        return kind(cache_ratio=ratio, speculative_steps=0, warmup_steps=1, reset_steps=(),
+                    **(taps if tapped else {"importance": "change"}), **extra)
 
-    # an older specdiff (benchmarks/before_after.py) has no untapped score, no conditional-only taps and
-    # no CFG batch on a bare transformer: those rows are left out
-    fields = {f.name for f in dataclasses.fields(specdiff.SpecDiffConfig)}
+    # an older specdiff has no untapped score, no conditional-only taps and no CFG batch on a bare
+    # transformer: those rows are left out
+    fields = {f.name for f in dataclasses.fields(SpecDiffStudyConfig)}
     untapped = "importance" in fields
     # the SD3 presets' batch 2 is CFG's [uncond, cond]: the rows of one prompt share a selection
     cfg_batch = (preset["family"] == "sd3" and preset["batch"] == 2

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from specdiff.evaluation.flops import count_module_flops
+from specdiff.lab.evaluation.flops import count_module_flops
 
 METHODS = ["stock", "full", "specdiff", "ras:cache_ratio=0.9", "fora", "toca", "taylorseer"]
 
@@ -63,7 +63,7 @@ def real_size_pipeline(model: str, blocks: int | None, device: str, dtype: torch
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
     from transformers import CLIPTextModel
 
-    from specdiff.tiny_pipelines import _clip_text_encoder, _clip_tokenizer, _t5_encoder, _t5_tokenizer
+    from specdiff.lab.tiny_pipelines import _clip_text_encoder, _clip_tokenizer, _t5_encoder, _t5_tokenizer
 
     torch.manual_seed(0)
     vocab = len(_clip_tokenizer())
@@ -102,7 +102,7 @@ def real_size_pipeline(model: str, blocks: int | None, device: str, dtype: torch
 
 
 def tiny_pipeline(model: str):
-    from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+    from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline() if model == "sd3-medium" else tiny_flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -135,7 +135,7 @@ def _method(name: str, device: str):
     """A MethodSpec; name may end in "+graphs" and / or "+compile" (MethodSpec.compiled, set here)."""
     import dataclasses
 
-    from specdiff.evaluation.methods import MethodSpec, parse_method
+    from specdiff.lab.evaluation.methods import MethodSpec, parse_method
     from specdiff.policies.full import FullComputeConfig
 
     base, *flags = name.split("+")

@@ -26,12 +26,12 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 import specdiff
-from specdiff.evaluation.benchmark import bench_prompts, load_bench_pipeline
+from specdiff.lab.evaluation.benchmark import bench_prompts, load_bench_pipeline
 from specdiff.engine.policy import normalise
-from specdiff.policies.specdiff import SpecDiffConfig
+from specdiff.lab.studies import SpecDiffStudyConfig
 
 
-def record_signals(pipe, prompts: list[str], steps: int, seeds: list[int], config: SpecDiffConfig, extra: dict) -> list[dict]:
+def record_signals(pipe, prompts: list[str], steps: int, seeds: list[int], config: SpecDiffStudyConfig, extra: dict) -> list[dict]:
     """Every token computed (cache ratio 0) with attention taps; per step the signals and the outputs so far."""
     seen = []
 
@@ -129,8 +129,8 @@ def main() -> None:
     extra.update({side: getattr(args, side) for side in ("height", "width") if getattr(args, side) is not None})
     pipe.set_progress_bar_config(disable=True)
     prompts, _ = bench_prompts(pipe, args.split, args.num_prompts, args.prompts)
-    taps = SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, reset_steps=(), tap_queries=args.tap_queries,
-                          tap_include_text=args.tap_include_text, speculative_steps=args.speculative_steps)
+    taps = SpecDiffStudyConfig(cache_ratio=0.0, warmup_steps=1, reset_steps=(), tap_queries=args.tap_queries,
+                               tap_include_text=args.tap_include_text, speculative_steps=args.speculative_steps)
     generator = torch.Generator().manual_seed(args.seed)
     results: dict[str, dict[str, list[float]]] = {}
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches"):

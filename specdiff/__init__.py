@@ -1,7 +1,8 @@
 """specdiff: training-free acceleration of diffusion transformers by self-speculative token caching.
 
-Names are imported on first use, so `specdiff --help` and `import specdiff.cli` do not pay for
-torch and diffusers until something needs them.
+Names are imported on first use, so `specdiff --help` and `import specdiff.lab.cli` do not pay for
+torch and diffusers until something needs them. Everything here is the library (engine, policies,
+adapters, integration, configs), except `tune`, the lab's entry point (it needs the `lab` extra).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ _WHERE = {
     "disable": "specdiff.integration",
     "enable": "specdiff.integration",
     "is_enabled": "specdiff.integration",
-    "load_config": "specdiff.evaluation.tune",
-    "save_config": "specdiff.evaluation.tune",
-    "tune": "specdiff.evaluation.tune",
+    "load_config": "specdiff.configs",
+    "save_config": "specdiff.configs",
+    "tune": "specdiff.lab.evaluation.tune",
     "observe": "specdiff.integration",
+    "register_policy": "specdiff.policies.registry",
     "summary": "specdiff.integration",
 }
 

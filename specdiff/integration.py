@@ -114,9 +114,13 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
     if cfg_batch and pipeline is not None:
         raise ValueError("enable(cfg_batch=True) is for a bare transformer; a pipeline's guidance_scale says it")
     adapter_type = _adapter_for(transformer)
-    if getattr(transformer, _STATE_ATTR, None) is not None or (
-        pipeline is not None and vars(pipeline).get(_STATE_ATTR) is not None
-    ):
+    existing = getattr(transformer, _STATE_ATTR, None) or (
+        vars(pipeline).get(_STATE_ATTR) if pipeline is not None else None)
+    if existing is not None:
+        running = existing.runtime.running()
+        if running is not None:
+            raise RuntimeError(f"specdiff.enable refused: {running} is running on this {type(obj).__name__}; "
+                               "enable another config after it returns, with specdiff.disable first")
         raise RuntimeError(f"specdiff is already enabled on this {type(obj).__name__}; call specdiff.disable first")
     other = _other_cache(transformer)
     if other is not None:
@@ -213,6 +217,10 @@ def disable(obj):
     state = _state_of(obj)
     if state is None:
         raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
+    running = state.runtime.running()
+    if running is not None:
+        raise RuntimeError(f"specdiff.disable refused: {running} is running on this {type(obj).__name__}; "
+                           "disable it after the call returns (disabling now would corrupt that generation)")
     state.runtime.abort()
     state.adapter.uninstall()
     transformer = state.adapter.model
@@ -233,7 +241,8 @@ def accelerated(obj, config: PolicyConfig | None = None, **options):
     try:
         yield lambda: summary(obj)
     finally:
-        disable(obj)
+        if is_enabled(obj):  # disabled inside the block already: nothing to undo (and the block's error stays)
+            disable(obj)
 
 
 def observe(obj, observer) -> "Callable[[], None]":

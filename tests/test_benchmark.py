@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from specdiff.cli import main
+from specdiff.lab.cli import main
 
 ARGS = ["--model", "tiny-sd3", "--methods", "full", "fora", "specdiff:cache_ratio=0.5,warmup_steps=1",
         "--num-prompts", "3", "--batch-size", "1", "--steps", "4"]
@@ -73,7 +73,7 @@ def test_two_processes_give_the_same_numbers_as_one(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
-           "-m", "specdiff.evaluation.benchmark", *ARGS, "--out", str(sharded)]
+           "-m", "specdiff.lab.evaluation.benchmark", *ARGS, "--out", str(sharded)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-2000:]
     one = json.loads((single / "results.json").read_text())
@@ -99,9 +99,9 @@ def test_diffusers_peer_runs_in_the_same_table(tmp_path):
 
 
 def test_peer_refuses_what_it_cannot_run(tmp_path, capsys):
-    from specdiff.evaluation.methods import parse_method
-    from specdiff.evaluation.peers import diffusers_cache
-    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+    from specdiff.lab.evaluation.methods import parse_method
+    from specdiff.lab.evaluation.peers import diffusers_cache
+    from specdiff.lab.tiny_pipelines import tiny_sd3_pipeline
 
     spec = parse_method("diffusers-fbc:threshold=0.1")
     with pytest.raises(ValueError, match="FLUX only"):
@@ -112,8 +112,8 @@ def test_peer_refuses_what_it_cannot_run(tmp_path, capsys):
 def test_cache_dit_peer_runs_and_is_removed(tmp_path):
     import torch
 
-    from specdiff.evaluation.peers import diffusers_cache
-    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+    from specdiff.lab.evaluation.peers import diffusers_cache
+    from specdiff.lab.tiny_pipelines import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -131,8 +131,8 @@ def test_cache_dit_peer_runs_and_is_removed(tmp_path):
 
 
 def test_cache_dit_on_the_embedded_pipeline_leaves_it_clean():
-    from specdiff.evaluation.peers import diffusers_cache
-    from specdiff.reference.pipeline import load_scene_pipeline
+    from specdiff.lab.evaluation.peers import diffusers_cache
+    from specdiff.lab.embedded.pipeline import load_scene_pipeline
 
     pipe = load_scene_pipeline()
     with diffusers_cache(pipe, "cache-dit-dbcache", {}):
@@ -145,8 +145,8 @@ def test_prompt_file_clip_score_and_saved_images(tmp_path):
     import torch
     from PIL import Image
 
-    from specdiff.evaluation.clip_score import ClipScorer
-    from specdiff.tiny_pipelines import save_tiny_clip
+    from specdiff.lab.evaluation.clip_score import ClipScorer
+    from specdiff.lab.tiny_pipelines import save_tiny_clip
 
     save_tiny_clip(tmp_path / "clip")
     prompts = tmp_path / "prompts.txt"
@@ -254,7 +254,7 @@ def test_scene_prompts_get_the_strict_metric_with_its_chance_level(tmp_path, cap
 
 
 def test_a_peer_that_cannot_run_is_refused_before_any_generation(tmp_path, capsys, monkeypatch):
-    import specdiff.evaluation.benchmark as bench
+    import specdiff.lab.evaluation.benchmark as bench
 
     def no_generation(*args, **kwargs):
         raise AssertionError("generated before refusing")

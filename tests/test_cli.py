@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from specdiff.cli import main
+from specdiff.lab.cli import main
 
 
 def test_generate_compare_prints_speed_and_fidelity_and_saves_images(tmp_path, capsys):
@@ -72,7 +72,7 @@ def test_unsupported_model_folder(tmp_path, capsys):
 
 
 def test_local_sd3_folder_loads_offline(tmp_path, capsys):
-    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+    from specdiff.lab.tiny_pipelines import tiny_sd3_pipeline
 
     tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
     code = main([
@@ -95,10 +95,10 @@ def test_methods_lists_every_method(capsys):
     (["--method", "toca", "--staleness-scale", "1"], "staleness_scale=1.0"),
     (["--method", "specdiff", "--set", "reset_steps=10/20", "--set", "speculative_cfg=true"],
      "reset_steps=(10, 20)"),
-    (["--method", "specdiff", "--tap-include-text", "on"], "tap_include_text=True"),
+    (["--method", "specdiff-study", "--tap-include-text", "on"], "tap_include_text=True"),
 ])
 def test_generate_accepts_every_config_field(argv, expected):
-    from specdiff.cli import _build_config, build_parser
+    from specdiff.lab.cli import _build_config, build_parser
 
     args = build_parser().parse_args(["generate", "x", *argv])
     assert expected in repr(_build_config(args))
@@ -107,7 +107,7 @@ def test_generate_accepts_every_config_field(argv, expected):
 def test_every_config_field_has_a_generate_option():
     import dataclasses
 
-    from specdiff.cli import build_parser
+    from specdiff.lab.cli import build_parser
     from specdiff.policies.registry import POLICIES
 
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
@@ -122,7 +122,7 @@ def test_help_imports_neither_torch_nor_diffusers(argv):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom specdiff.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom specdiff.lab.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers'})\n"
             "print('HEAVY', heavy)") % (argv,)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
@@ -137,7 +137,7 @@ def test_settings_that_cache_nothing_are_named(tmp_path, capsys):
 
 
 def test_every_option_has_help_text():
-    from specdiff.cli import build_parser
+    from specdiff.lab.cli import build_parser
 
     parser = build_parser()
     for sub in parser._subparsers._group_actions[0].choices.values():

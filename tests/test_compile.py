@@ -16,7 +16,7 @@ def _generate(pipe):
 
 @pytest.fixture()
 def sd3():
-    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+    from specdiff.lab.tiny_pipelines import tiny_sd3_pipeline
 
     torch._dynamo.reset()
     pipe = tiny_sd3_pipeline()
@@ -68,7 +68,7 @@ def test_block_level_method_compiles_its_blocks_and_matches_eager(sd3):
 def test_block_level_policy_decision_is_not_traced_so_blocks_share_their_graphs():
     """More blocks than dynamo's recompile limit: the per-step decision (which blocks run) stays eager and
     every block runs one shared compiled forward, instead of recompiling per block and falling back."""
-    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+    from specdiff.lab.tiny_pipelines import tiny_sd3_pipeline
 
     torch._dynamo.reset()
     pipe = tiny_sd3_pipeline(layers=18)
@@ -107,7 +107,7 @@ def test_every_method_in_one_process_stays_within_the_recompile_limit(family):
     block eager (on an H100 this made compiled FORA slower than eager). The variants must not grow with
     the steps: FLUX picked its RoPE rows inside the block, keyed by tensor ids, and recompiled every step."""
     from specdiff.policies.registry import POLICIES, config_for
-    from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+    from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
     torch._dynamo.reset()
     pipe = tiny_sd3_pipeline(layers=3) if family == "sd3" else tiny_flux_pipeline()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import specdiff
-from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
 STEPS = 5
 EXACT = specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, speculative_steps=0)

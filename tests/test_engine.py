@@ -7,32 +7,9 @@ import torch
 
 import specdiff
 from specdiff.policies.registry import make_policy
-from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
-STEPS = 8
-
-
-def generate(pipe, seed=0, **extra):
-    args = dict(
-        prompt="a red cat", num_inference_steps=STEPS, height=64, width=64,
-        generator=torch.Generator().manual_seed(seed), output_type="pt",
-    )
-    args.update(extra)
-    return pipe(**args).images
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    pipe = tiny_sd3_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def flux():
-    pipe = tiny_flux_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from conftest import STEPS, generate  # the shared helper; the sd3 / flux fixtures come from conftest.py
 
 
 CASES = {
@@ -390,8 +367,10 @@ def test_timesteps_come_from_the_schedule_not_a_sync_per_call(sd3):
 def test_speculative_change_maps_reach_the_real_steps(sd3):
     """importance="spec-change": the speculative pass (3 dense steps, no taps) leaves one change map per
     step after its first, and every sparse real step reads the map at the nearest speculative timestep."""
-    config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(), speculative_steps=3,
-                                     importance="spec-change")
+    from specdiff.lab.studies import SpecDiffStudyConfig
+
+    config = SpecDiffStudyConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(), speculative_steps=3,
+                                 importance="spec-change")
     read = []
     specdiff.enable(sd3, config)
     try:
@@ -411,11 +390,15 @@ def test_speculative_change_maps_reach_the_real_steps(sd3):
 
 
 def test_conditional_only_taps_are_the_conditional_rows_taps(sd3):
-    """tap_cfg=False (the default): the taps read only a CFG batch's conditional rows ([uncond, cond]: the
-    second half) and both halves' selection reads them; at cache ratio 0 the output is still the plain model's."""
+    """SpecDiff's taps read only a CFG batch's conditional rows ([uncond, cond]: the second half) and both
+    halves' selection reads them (the study's tap_cfg=True reads both); at cache ratio 0 the output is
+    still the plain model's."""
+    from specdiff.lab.studies import SpecDiffStudyConfig
+
     first_sparse = {}
     for tap_cfg in (True, False):
-        config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(), tap_cfg=tap_cfg)
+        config = (SpecDiffStudyConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(), tap_cfg=True) if tap_cfg
+                  else specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=()))
         specdiff.enable(sd3, config)
         try:
             seen = []
@@ -432,9 +415,8 @@ def test_conditional_only_taps_are_the_conditional_rows_taps(sd3):
 
     plain = generate(sd3, guidance_scale=5.0)
     for speculative_cfg in (False, True):
-        config = specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, tap_cfg=False,
-                                         speculative_cfg=speculative_cfg)
+        config = specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1, speculative_cfg=speculative_cfg)
         exact, _ = generate_with(sd3, config, guidance_scale=5.0)
         torch.testing.assert_close(exact, plain, rtol=1e-5, atol=1e-5)
-    own = specdiff.SpecDiffConfig(tap_cfg=False, share_cfg_selection=False)
+    own = SpecDiffStudyConfig(tap_cfg=False, share_cfg_selection=False)
     assert make_policy(own).tap_cfg  # rows with their own selection read their own taps

@@ -6,8 +6,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import specdiff
-from specdiff.evaluation.flops import _extra_mapping, count_flops
-from specdiff.tiny_pipelines import tiny_sd3_pipeline
+from specdiff.lab.evaluation.flops import _extra_mapping, count_flops
+from specdiff.lab.tiny_pipelines import tiny_sd3_pipeline
 
 STEPS = 10
 TEXT_TOKENS = 77 + 16  # CLIP + T5 (max_sequence_length=16)

@@ -11,7 +11,6 @@ import torch
 import specdiff
 from emulated_graphs import SyncCounter, emulate_graphs
 from specdiff.integration import _state_of
-from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
 STEPS = 8
 TOKEN_LEVEL = {
@@ -24,8 +23,7 @@ TOKEN_LEVEL = {
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
 def pipe(request):
-    pipe = tiny_sd3_pipeline() if request.param == "sd3" else tiny_flux_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = request.getfixturevalue(request.param)  # conftest.py's tiny stock pipelines
     pipe.family = request.param
     return pipe
 
@@ -186,3 +184,19 @@ def test_disable_frees_the_graphs_and_restores_the_model(pipe):
     assert all(slot.keys is None for slots in state.runtime.kv_slots for slot in slots)
     assert "specdiff_step_graphs" not in getattr(pipe.transformer, "_diffusers_hook").hooks
     assert torch.equal(_call(pipe), stock)
+
+
+def test_graphs_refuse_a_call_that_autograd_records(sd3):
+    transformer = sd3.transformer
+    config = transformer.config
+    specdiff.enable(transformer, specdiff.RASConfig(), num_inference_steps=4, cuda_graphs="eager")
+    try:
+        arguments = dict(hidden_states=torch.randn(1, config.in_channels, 8, 8),
+                         encoder_hidden_states=torch.randn(1, 12, config.joint_attention_dim),
+                         pooled_projections=torch.randn(1, config.pooled_projection_dim), timestep=torch.tensor([1000.0]))
+        with torch.enable_grad(), pytest.raises(RuntimeError, match="replays inference calls"):
+            transformer(**arguments)
+        with torch.no_grad():
+            transformer(**arguments)  # the same call under no_grad runs
+    finally:
+        specdiff.disable(transformer)

@@ -8,12 +8,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import specdiff
-from specdiff.evaluation.flops import _extra_mapping
-from specdiff.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+from specdiff.lab.evaluation.flops import _extra_mapping
+from specdiff.lab.studies import SpecDiffStudyConfig  # registers the lab's study method
+from conftest import generate as shared_generate
+from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
 STEPS = 8
 ALWAYS_COMPUTE = {
     "specdiff": specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1),
+    "specdiff-study": SpecDiffStudyConfig(cache_ratio=0.0, warmup_steps=1, importance="change"),
     "ras": specdiff.RASConfig(cache_ratio=0.0, warmup_steps=1, reset_steps=()),
     "random": specdiff.RandomTokensConfig(cache_ratio=0.0, warmup_steps=1),
     "fora": specdiff.FORAConfig(interval=1),
@@ -44,10 +47,7 @@ def pipe(request):
 
 
 def generate(pipe, seed=0, **extra):
-    kwargs = dict(prompt="a red cat", num_inference_steps=STEPS, height=64, width=64, output_type="pt",
-                  generator=torch.Generator().manual_seed(seed))
-    kwargs.update(extra)
-    return pipe(**kwargs).images
+    return shared_generate(pipe, seed, STEPS, **extra)
 
 
 @pytest.mark.parametrize("method", list(ALWAYS_COMPUTE))
@@ -142,37 +142,41 @@ def _signals(batch=1, tokens=10, **fields):
 
 
 def test_specdiff_change_importance_computes_the_tokens_that_moved_most():
-    from specdiff.policies.specdiff import SpecDiffPolicy
+    from specdiff.lab.studies import SpecDiffStudyConfig as StudyConfig, SpecDiffStudyPolicy as SpecDiffPolicy
 
     change = torch.tensor([[0.1, 5.0, 0.2, 0.3, 4.0, 0.1, 0.2, 0.1, 0.3, 0.2]])
     attention = torch.tensor([[9.0, 0.1, 9.0, 1, 0.1, 1, 1, 1, 1, 1]])  # points the other way
     signals = _signals(attention=attention, observed_change=change)
     for importance, expected in (("change", {1, 4}), ("his", {0, 2})):
-        policy = SpecDiffPolicy(specdiff.SpecDiffConfig(cache_ratio=0.8, starvation_scale=0.0, importance=importance))
+        policy = SpecDiffPolicy(StudyConfig(cache_ratio=0.8, starvation_scale=0.0, importance=importance))
         assert set(policy.plan(signals).compute[0].tolist()) == expected
     # before any change was observed the step runs in full
-    policy = SpecDiffPolicy(specdiff.SpecDiffConfig(importance="change"))
+    policy = SpecDiffPolicy(StudyConfig(importance="change"))
     assert policy.plan(_signals(observed_change=None)).compute is None
     assert policy.speculative_steps == 0 and policy.tap_queries == 0  # no taps, no speculative pass
-    assert SpecDiffPolicy(specdiff.SpecDiffConfig()).speculative_steps == 2  # the paper's default unchanged
+    assert SpecDiffPolicy(StudyConfig()).speculative_steps == 2  # the paper's default unchanged
 
 
 def test_specdiff_importance_is_validated():
+    from specdiff.lab.studies import SpecDiffStudyConfig
+
     with pytest.raises(specdiff.ConfigError, match="importance must be one of"):
-        specdiff.SpecDiffConfig(importance="edges")
+        SpecDiffStudyConfig(importance="edges")
     with pytest.raises(specdiff.ConfigError, match="speculative_steps must be at least 1"):
-        specdiff.SpecDiffConfig(importance="fut", speculative_steps=0)
+        SpecDiffStudyConfig(importance="fut", speculative_steps=0)
     with pytest.raises(specdiff.ConfigError, match="speculative_steps must be at least 2"):
-        specdiff.SpecDiffConfig(importance="spec-change", speculative_steps=1)
+        SpecDiffStudyConfig(importance="spec-change", speculative_steps=1)
+    with pytest.raises(TypeError):  # the library's SpecDiff is the paper's score only
+        specdiff.SpecDiffConfig(importance="change")
 
 
 def test_specdiff_speculative_change_importance_follows_the_speculative_pass():
-    from specdiff.policies.specdiff import SpecDiffPolicy
+    from specdiff.lab.studies import SpecDiffStudyConfig, SpecDiffStudyPolicy as SpecDiffPolicy
 
     moved = torch.tensor([[0.1, 0.2, 6.0, 0.3, 0.1, 0.2, 5.0, 0.1, 0.3, 0.2]])
     attention = torch.tensor([[9.0, 9.0, 0.1, 1, 1, 1, 0.1, 1, 1, 1]])  # points elsewhere
     observed = torch.tensor([[3.0, 4.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])  # so does the real history
-    policy = SpecDiffPolicy(specdiff.SpecDiffConfig(cache_ratio=0.8, starvation_scale=0.0, importance="spec-change"))
+    policy = SpecDiffPolicy(SpecDiffStudyConfig(cache_ratio=0.8, starvation_scale=0.0, importance="spec-change"))
     signals = _signals(attention=attention, observed_change=observed, future_change=lambda t: moved)
     assert set(policy.plan(signals).compute[0].tolist()) == {2, 6}
     assert policy.plan(_signals()).compute is None  # no speculative change measured: the step runs in full

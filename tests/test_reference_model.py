@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import specdiff
-from specdiff.reference import scenes
-from specdiff.reference.pipeline import WEIGHTS_DIR, CorruptModelError, load_scene_pipeline
+from specdiff.lab.embedded import scenes
+from specdiff.lab.embedded.pipeline import WEIGHTS_DIR, CorruptModelError, load_scene_pipeline
 
 
 def test_scenes_are_deterministic_and_captions_match():
@@ -91,14 +91,14 @@ def test_specdiff_on_the_embedded_model(scene_pipe):
 
 
 def test_shipped_checker_reads_fresh_scenes():
-    from specdiff.reference.checker import evaluate_checker, load_checker
+    from specdiff.lab.embedded.checker import evaluate_checker, load_checker
 
     accuracy = evaluate_checker(load_checker(), count=300, seed=2024, degrade=True)
     assert all(accuracy[name] >= 0.97 for name in ("background", "colour", "shape", "size", "position")), accuracy
 
 
 def test_alignment_scoring_counts_each_attribute():
-    from specdiff.reference.alignment import lenient_hits
+    from specdiff.lab.embedded.alignment import lenient_hits
 
     asked = scenes.Scene("white", (scenes.SceneObject("red", "circle", "large", "top left"),))
     same = lenient_hits(asked, asked)
@@ -110,7 +110,7 @@ def test_alignment_scoring_counts_each_attribute():
 
 
 def test_training_resumes_and_exports(tmp_path, capsys):
-    from specdiff.reference.train import main as train
+    from specdiff.lab.embedded.train import main as train
 
     run = tmp_path / "run"
     train(["--out", str(run), "--steps", "2", "--save-every", "1", "--batch-size", "2"])

@@ -16,7 +16,7 @@ import torch
 
 import specdiff
 from specdiff.policies.registry import POLICIES
-from specdiff.tiny_pipelines import tiny_sd3_pipeline
+from specdiff.lab.tiny_pipelines import tiny_sd3_pipeline
 
 STEPS = 6
 FAST = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=2, reset_steps=(), speculative_steps=2)
@@ -110,6 +110,85 @@ def test_one_enabled_pipeline_used_from_two_threads_at_once_is_refused(sd3):
         torch.testing.assert_close(run(sd3), images, rtol=0, atol=0)  # usable again afterwards
     finally:
         specdiff.disable(sd3)
+
+
+@pytest.mark.parametrize("config", [FAST, specdiff.FORAConfig()], ids=["specdiff", "fora"])
+def test_disable_or_enable_while_a_generation_runs_is_refused_and_the_image_is_untouched(sd3, config):
+    """disable / enable from another thread while a generation is paused mid-way: refused in one line
+    naming the running generation; the generation finishes as if nothing had been tried."""
+    specdiff.enable(sd3, config)
+    try:
+        expected = run(sd3)
+        paused = PausedGeneration(sd3, at_step=3)
+        tried = [_in_thread(lambda: specdiff.disable(sd3)), _in_thread(lambda: specdiff.enable(sd3, FAST))]
+        images = paused.finish()
+        for outcome in tried:
+            message = str(outcome.get("error"))
+            assert "refused" in message and f"a {config.method} generation" in message and "\n" not in message
+        assert specdiff.is_enabled(sd3)
+        torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    finally:
+        specdiff.disable(sd3)
+    assert not specdiff.is_enabled(sd3)
+
+
+def test_disable_from_an_observer_is_refused_and_the_generation_goes_on(sd3):
+    specdiff.enable(sd3, FAST)
+    errors = []
+
+    def observer(event):
+        if event.step == 3:
+            try:
+                specdiff.disable(sd3)
+            except RuntimeError as error:
+                errors.append(str(error))
+
+    try:
+        expected = run(sd3)
+        specdiff.observe(sd3, observer)
+        torch.testing.assert_close(run(sd3), expected, rtol=0, atol=0)
+    finally:
+        specdiff.disable(sd3)
+    assert len(errors) == 1 and "refused" in errors[0] and "this thread" in errors[0]
+
+
+def test_a_bare_transformer_can_be_disabled_between_the_calls_of_its_loop(sd3):
+    transformer = sd3.transformer
+    specdiff.enable(transformer, specdiff.RASConfig(), num_inference_steps=4)
+    config = transformer.config
+    latents = torch.randn(1, config.in_channels, 8, 8)
+    text, pooled = torch.randn(1, 12, config.joint_attention_dim), torch.randn(1, config.pooled_projection_dim)
+    transformer(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
+                timestep=torch.tensor([1000.0]))
+    specdiff.disable(transformer)  # between calls: nothing runs
+    assert not specdiff.is_enabled(transformer)
+
+
+def test_accelerated_keeps_the_blocks_own_error_after_a_disable_inside_it(sd3):
+    with pytest.raises(ValueError, match="the user's own"):
+        with specdiff.accelerated(sd3, FAST):
+            specdiff.disable(sd3)
+            raise ValueError("the user's own error")
+    assert not specdiff.is_enabled(sd3)
+
+
+def test_a_pipeline_call_from_inside_its_own_generation_is_named_as_such(sd3):
+    specdiff.enable(sd3, FAST)
+    seen = []
+
+    def nested(pipe, step, timestep, kwargs):
+        if step == 1 and not seen:
+            try:
+                run(sd3)
+            except RuntimeError as error:
+                seen.append(str(error))
+        return kwargs
+
+    try:
+        run(sd3, callback_on_step_end=nested)
+    finally:
+        specdiff.disable(sd3)
+    assert len(seen) == 1 and "in this thread" in seen[0] and "another thread" not in seen[0]
 
 
 # -- randomness ----------------------------------------------------------------
@@ -232,7 +311,7 @@ def test_a_bare_transformer_keeps_bounded_state_over_many_one_step_calls(sd3):
 
 @pytest.fixture()
 def model_copy(tmp_path):
-    from specdiff.reference.pipeline import WEIGHTS_DIR
+    from specdiff.lab.embedded.pipeline import WEIGHTS_DIR
 
     copy = tmp_path / "model"
     shutil.copytree(WEIGHTS_DIR, copy)
@@ -252,7 +331,7 @@ def _sums(folder):
     (lambda f: _sums(f).write_text(_sums(f).read_text() + "0" * 64 + "  ../../etc/passwd\n"), "outside"),
 ])
 def test_weights_checks_have_no_gaps(model_copy, damage, message):
-    from specdiff.reference.pipeline import CorruptModelError, load_scene_pipeline
+    from specdiff.lab.embedded.pipeline import CorruptModelError, load_scene_pipeline
 
     damage(model_copy)
     with pytest.raises(CorruptModelError, match=message):
@@ -260,7 +339,7 @@ def test_weights_checks_have_no_gaps(model_copy, damage, message):
 
 
 def test_a_linked_or_special_model_file_is_refused_before_reading(model_copy, tmp_path):
-    from specdiff.reference.pipeline import CorruptModelError, load_scene_pipeline
+    from specdiff.lab.embedded.pipeline import CorruptModelError, load_scene_pipeline
 
     config = model_copy / "scheduler" / "scheduler_config.json"
     outside = tmp_path / "elsewhere.json"
@@ -300,7 +379,7 @@ def test_pickling_an_enabled_pipeline_says_to_disable_first(sd3):
 
 @pytest.mark.parametrize("peer", ["diffusers-taylorseer"])
 def test_stacking_on_another_cache_is_refused_in_one_line(sd3, peer):
-    from specdiff.evaluation.peers import diffusers_cache
+    from specdiff.lab.evaluation.peers import diffusers_cache
 
     with diffusers_cache(sd3, peer, {}):
         with pytest.raises(RuntimeError, match="diffusers"):
@@ -336,7 +415,7 @@ def _cli_cases(tmp_path):
 
 
 def test_bad_command_lines_give_one_line_and_write_nothing(tmp_path, capsys):
-    from specdiff.cli import main
+    from specdiff.lab.cli import main
 
     for argv, message in _cli_cases(tmp_path):
         out = tmp_path / "out"
@@ -348,7 +427,7 @@ def test_bad_command_lines_give_one_line_and_write_nothing(tmp_path, capsys):
 
 
 def test_pickle_weights_in_a_model_folder_are_refused(tmp_path, capsys):
-    from specdiff.cli import main
+    from specdiff.lab.cli import main
 
     tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3", safe_serialization=False)
     capsys.readouterr()
@@ -360,7 +439,7 @@ def test_pickle_weights_in_a_model_folder_are_refused(tmp_path, capsys):
 
 
 def test_ctrl_c_ends_with_one_line_and_exit_code_130(monkeypatch, tmp_path, capsys):
-    import specdiff.cli as cli
+    import specdiff.lab.cli as cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -371,8 +450,8 @@ def test_ctrl_c_ends_with_one_line_and_exit_code_130(monkeypatch, tmp_path, caps
 
 
 def test_an_interrupted_bench_never_looks_finished(monkeypatch, tmp_path):
-    import specdiff.evaluation.benchmark as bench  # run_benchmark looks image_grid up here
-    from specdiff.cli import main
+    import specdiff.lab.evaluation.benchmark as bench  # run_benchmark looks image_grid up here
+    from specdiff.lab.cli import main
 
     out = tmp_path / "bench"
     args = ["bench", "--model", "tiny-sd3", "--methods", "full", "fora", "--num-prompts", "1", "--steps", "3",

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from specdiff.reference import scenes
-from specdiff.reference.alignment import chance_level, lenient_accuracy, strict_accuracy, strict_hits
-from specdiff.reference.scenes import V1, V2, Scene, SceneObject
+from specdiff.lab.embedded import scenes
+from specdiff.lab.embedded.alignment import chance_level, lenient_accuracy, strict_accuracy, strict_hits
+from specdiff.lab.embedded.scenes import V1, V2, Scene, SceneObject
 
 RED_CIRCLE = SceneObject("red", "circle", "large", "top left")
 BLUE_RING = SceneObject("blue", "ring", "small", "bottom right")
@@ -76,7 +76,7 @@ def test_training_never_renders_held_out_fills():
 
 @pytest.mark.parametrize("style", [V1, V2], ids=["v1", "v2"])
 def test_pixel_reader_reads_clean_renders(style):
-    from specdiff.reference.pixel_reader import read_scene
+    from specdiff.lab.embedded.pixel_reader import read_scene
 
     rng = random.Random(11)
     asked = [scenes.sample_scene(rng, "heldout" if i % 4 == 0 else "train", style) for i in range(160)]
@@ -90,8 +90,8 @@ def test_pixel_reader_reads_clean_renders(style):
 
 def test_v2_checker_agrees_with_the_pixel_reader():
     """Two independent readers (a CNN and pixel statistics) of the same fresh V2 renders."""
-    from specdiff.reference.checker import load_checker, read_images, render_batch
-    from specdiff.reference.pixel_reader import read_scene
+    from specdiff.lab.embedded.checker import load_checker, read_images, render_batch
+    from specdiff.lab.embedded.pixel_reader import read_scene
 
     rng = random.Random(2027)
     asked = [scenes.sample_scene(rng, "heldout" if i % 5 == 0 else "train", V2) for i in range(120)]
@@ -107,9 +107,9 @@ def test_v2_checker_agrees_with_the_pixel_reader():
 
 
 def test_v2_model_starts_exactly_from_v1_weights():
-    from specdiff.reference.model import build_transformer
-    from specdiff.reference.pipeline import load_scene_pipeline
-    from specdiff.reference.train import adapt_patch_size
+    from specdiff.lab.embedded.model import build_transformer
+    from specdiff.lab.embedded.pipeline import load_scene_pipeline
+    from specdiff.lab.embedded.train import adapt_patch_size
 
     v1 = load_scene_pipeline().transformer
     v2 = build_transformer(V2)
@@ -125,8 +125,8 @@ def test_v2_model_starts_exactly_from_v1_weights():
 
 
 def test_v2_training_runs_resumes_and_exports_small_shards(tmp_path):
-    from specdiff.reference.pipeline import load_scene_pipeline
-    from specdiff.reference.train import main as train
+    from specdiff.lab.embedded.pipeline import load_scene_pipeline
+    from specdiff.lab.embedded.train import main as train
 
     run = tmp_path / "run"
     train(["--style", "v2", "--out", str(run), "--steps", "2", "--save-every", "1", "--batch-size", "2",
@@ -144,7 +144,7 @@ def test_v2_training_runs_resumes_and_exports_small_shards(tmp_path):
 
 
 def test_training_on_cuda_is_refused_clearly_without_a_gpu(tmp_path):
-    from specdiff.reference.train import main as train
+    from specdiff.lab.embedded.train import main as train
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -153,7 +153,7 @@ def test_training_on_cuda_is_refused_clearly_without_a_gpu(tmp_path):
 
 
 def test_the_shipped_v2_weights_load_hash_checked_and_draw_64_px(monkeypatch):
-    from specdiff.loading import load_pipeline
+    from specdiff.lab.loading import load_pipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe, description = load_pipeline("embedded-v2", "cpu", "float32")
@@ -165,7 +165,7 @@ def test_the_shipped_v2_weights_load_hash_checked_and_draw_64_px(monkeypatch):
 
 
 def _batches(workers: int, start: int, count: int):
-    from specdiff.reference.train import SceneBatches
+    from specdiff.lab.embedded.train import SceneBatches
 
     loader = torch.utils.data.DataLoader(SceneBatches(V2, 2, 7, start), batch_size=None, num_workers=workers)
     out = []
@@ -186,7 +186,7 @@ def test_rendering_workers_give_the_same_batches_in_step_order_for_any_worker_co
 
 
 def test_learning_rate_warms_up_then_decays_to_zero_by_steps_or_by_the_time_budget():
-    from specdiff.reference.train import learning_rate, parse_args
+    from specdiff.lab.embedded.train import learning_rate, parse_args
 
     args = parse_args(["--out", "x", "--steps", "1000", "--warmup", "10", "--lr", "1.0"])
     assert learning_rate(args, 0, 0.0) == pytest.approx(0.1)
@@ -202,8 +202,8 @@ def test_learning_rate_warms_up_then_decays_to_zero_by_steps_or_by_the_time_budg
 
 
 def test_a_larger_model_trains_with_workers_stops_on_its_time_budget_and_exports_its_size(tmp_path):
-    from specdiff.reference.pipeline import load_scene_pipeline
-    from specdiff.reference.train import main as train
+    from specdiff.lab.embedded.pipeline import load_scene_pipeline
+    from specdiff.lab.embedded.train import main as train
 
     run = tmp_path / "run"
     common = ["--style", "v2", "--out", str(run), "--batch-size", "2", "--save-every", "100", "--workers", "1"]
@@ -224,7 +224,7 @@ def test_a_larger_model_trains_with_workers_stops_on_its_time_budget_and_exports
     (["--object-margin", "-2"], "--object-margin"),
 ])
 def test_training_refuses_bad_numbers_in_one_line_before_any_work(tmp_path, flags, field):
-    from specdiff.reference.train import main as train
+    from specdiff.lab.embedded.train import main as train
 
     with pytest.raises(SystemExit, match=field):
         train(["--style", "v2", "--out", str(tmp_path / "run")] + flags)
@@ -232,7 +232,7 @@ def test_training_refuses_bad_numbers_in_one_line_before_any_work(tmp_path, flag
 
 
 def test_the_object_margin_weights_a_rings_hole_and_edge_but_not_the_far_background():
-    from specdiff.reference.train import loss_weight
+    from specdiff.lab.embedded.train import loss_weight
 
     ring = Scene("white", (SceneObject("red", "ring", "small", "center"),))
     _, mask = scenes.render(ring, random.Random(0), 0.0, with_mask=True, style=V2)
@@ -246,7 +246,7 @@ def test_the_object_margin_weights_a_rings_hole_and_edge_but_not_the_far_backgro
 
 
 def test_the_compact_text_encoder_is_minilm_in_fp16_for_captions_and_refuses_other_words(tmp_path):
-    from specdiff.reference.text_encoder import SceneTextEncoder, export_compact
+    from specdiff.lab.embedded.text_encoder import SceneTextEncoder, export_compact
 
     export_compact(tmp_path / "minilm")
     assert sum(f.stat().st_size for f in (tmp_path / "minilm").iterdir()) < 25e6
@@ -265,7 +265,7 @@ def test_the_compact_text_encoder_is_minilm_in_fp16_for_captions_and_refuses_oth
 
 
 def test_the_breakdown_scores_each_object_count_and_counts_shapes_asked_against_shapes_read():
-    from specdiff.evaluation.breakdown import breakdown, table
+    from specdiff.lab.evaluation.breakdown import breakdown, table
 
     one = Scene("white", (RED_CIRCLE,))
     two = Scene("white", (RED_CIRCLE, BLUE_RING))
@@ -279,8 +279,8 @@ def test_the_breakdown_scores_each_object_count_and_counts_shapes_asked_against_
 
 
 def test_the_evaluation_runs_on_a_training_run_folder_and_refuses_other_folders(tmp_path, capsys):
-    from specdiff.evaluation.breakdown import main as evaluate
-    from specdiff.reference.train import main as train
+    from specdiff.lab.evaluation.breakdown import main as evaluate
+    from specdiff.lab.embedded.train import main as train
 
     run = tmp_path / "run"
     train(["--style", "v2", "--out", str(run), "--steps", "1", "--batch-size", "2", "--layers", "1"])
@@ -294,8 +294,8 @@ def test_the_evaluation_runs_on_a_training_run_folder_and_refuses_other_folders(
 
 @pytest.mark.parametrize("old, new", [(2, 3), (4, 7)])
 def test_a_deeper_model_starts_computing_what_the_shallower_one_did(old, new):
-    from specdiff.reference.model import build_transformer
-    from specdiff.reference.train import grow_depth
+    from specdiff.lab.embedded.model import build_transformer
+    from specdiff.lab.embedded.train import grow_depth
 
     torch.manual_seed(0)
     small = build_transformer(V2, num_layers=old)

@@ -7,10 +7,13 @@ import json
 
 import pytest
 
-from specdiff.engine.policy import ConfigError, SpeedKnob
-from specdiff.evaluation.tune import (
+from specdiff.engine.policy import ConfigError
+from specdiff.lab.evaluation.tune import (
     FEWER_STEPS,
+    KNOBS,
+    STUDY_KNOBS,
     Setting,
+    SpeedKnob,
     _KnobSearch,
     load_config,
     parse_target,
@@ -18,7 +21,7 @@ from specdiff.evaluation.tune import (
     tunable_methods,
     tune,
 )
-from specdiff.policies.registry import POLICIES
+from specdiff.lab.studies import POLICIES
 
 PROMPTS = ["a red fox in the snow", "a city street at night", "a bowl of fruit on a table", "a sailing boat at sea"]
 
@@ -67,16 +70,16 @@ def test_bisection_on_a_decreasing_knob_and_a_method_that_never_meets():
     assert never.passing is None
 
 
-def test_every_method_declares_a_knob_inside_its_allowed_range():
+def test_every_method_has_a_knob_inside_its_allowed_range():
+    table = {**KNOBS, **STUDY_KNOBS}
     for name, (config_type, _) in POLICIES.items():
-        knob = config_type.speed_knob
         if name == "full":
-            assert knob is None and FEWER_STEPS in tunable_methods()
+            assert name not in table and FEWER_STEPS in tunable_methods()  # fewer steps is its knob
             continue
-        assert knob is not None, name
+        knob, alternatives = table[name]
         for value in (knob.slowest, knob.fastest):
             config_type(**{knob.field: value})  # raises if outside the validated range
-        for field, values in config_type.tuning_alternatives.items():
+        for field, values in alternatives.items():
             for value in values:
                 config_type(**{field: value})
 
@@ -127,7 +130,7 @@ def test_bad_tuned_files_are_refused_in_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_sd3():
-    from specdiff.tiny_pipelines import tiny_sd3_pipeline
+    from specdiff.lab.tiny_pipelines import tiny_sd3_pipeline
 
     return tiny_sd3_pipeline()
 
@@ -148,7 +151,7 @@ def test_tune_errors_before_any_search(tiny_sd3):
 
 
 def test_tune_refuses_a_target_full_compute_cannot_meet():
-    from specdiff.evaluation.benchmark import load_bench_pipeline
+    from specdiff.lab.evaluation.benchmark import load_bench_pipeline
 
     pipe, extra = load_bench_pipeline("embedded", "cpu")
     with pytest.raises(ConfigError, match="full compute itself scores"):
@@ -178,7 +181,7 @@ def test_tiny_end_to_end_tune_writes_a_config_that_loads_and_verifies(tiny_sd3, 
 
 
 def test_generate_uses_a_tuned_file_and_refuses_mixed_options(tmp_path, capsys):
-    from specdiff.cli import main
+    from specdiff.lab.cli import main
     from specdiff.policies.fora import FORAConfig
 
     save_config(FORAConfig(interval=4), tmp_path / "tuned.json", num_inference_steps=5)
@@ -194,7 +197,7 @@ def test_generate_uses_a_tuned_file_and_refuses_mixed_options(tmp_path, capsys):
 def test_auto_margin_is_one_standard_error_of_the_calibration_mean():
     import numpy as np
 
-    from specdiff.evaluation.tune import _margin
+    from specdiff.lab.evaluation.tune import _margin
 
     values = np.array([28.0, 30.0, 32.0, 34.0])
     assert _margin(values, "auto") == pytest.approx(np.std(values, ddof=1) / 2)
@@ -206,7 +209,7 @@ def test_auto_margin_is_one_standard_error_of_the_calibration_mean():
 
 
 def test_relative_targets_are_rebased_on_full_computes_score_on_the_verification_prompts():
-    from specdiff.evaluation.benchmark import load_bench_pipeline
+    from specdiff.lab.evaluation.benchmark import load_bench_pipeline
 
     pipe, extra = load_bench_pipeline("embedded", "cpu")
     result = tune(pipe, None, "alignment>=full-100", calibration=2, verify=2, steps=3, methods=["fora"],

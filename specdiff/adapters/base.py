@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import threading
 
 import torch
 
@@ -260,11 +261,15 @@ class _StepGraphHook:
         if runtime.generation != self.generation:
             self.check_model(module)
             self.generation = runtime.generation
+        if torch.is_grad_enabled():
+            runtime.abort()
+            raise GraphsRefused("specdiff cuda_graphs replays inference calls: call the model under torch.no_grad() "
+                                "or torch.inference_mode() (pipelines do), or enable with cuda_graphs=False")
         return_dict = arguments.pop("return_dict", True)
         tensors = {name: value for name, value in arguments.items() if isinstance(value, torch.Tensor)}
         others = {name: value for name, value in arguments.items() if not isinstance(value, torch.Tensor)}
         key = (prepared, tuple((n, t.shape, t.dtype, t.device) for n, t in tensors.items()),
-               tuple((n, _frozen(n, v)) for n, v in others.items()), torch.is_grad_enabled())
+               tuple((n, _frozen(n, v)) for n, v in others.items()))
         runtime.defer_finish = True
         try:
             sample = adapter.graphs.run(key, tensors, lambda static: original(**others, **static, return_dict=False)[0])
@@ -346,6 +351,7 @@ class Adapter:
 
     # -- hooks -----------------------------------------------------------------
     def _on_call(self, module, args, kwargs):
+        self.runtime.calls[threading.get_ident()] = True  # _after_call clears it, also after an error
         arguments = self._signature.bind(module, *args, **kwargs).arguments
         accelerated = self.runtime.phase is not None or self.runtime.auto_num_steps is not None
         for name, what in (self.refused_arguments.items() if accelerated else ()):  # plain calls run as stock
@@ -364,6 +370,10 @@ class Adapter:
             context.timestep = timestep_value(arguments["timestep"]) * self.timestep_scale
         text = arguments.get("encoder_hidden_states")
         context.text_length = text.shape[1] if text is not None else 0
+        return None
+
+    def _after_call(self, module, args, output):
+        self.runtime.calls.pop(threading.get_ident(), None)
         return None
 
     def _on_embed(self, module, args, tokens):
@@ -400,6 +410,7 @@ class Adapter:
         model.set_attn_processor(processors)
         self._handles = [
             model.register_forward_pre_hook(self._on_call, with_kwargs=True),
+            model.register_forward_hook(self._after_call, always_call=True),
             model.get_submodule(self.embed_module).register_forward_hook(self._on_embed),
             model.get_submodule(self.head_module).register_forward_hook(self._on_head),
         ]

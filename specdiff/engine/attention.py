@@ -88,7 +88,12 @@ def joint_kv(ctx: AttentionContext, slots: list[LayerKV], image_key, image_value
         raise RuntimeError("sparse step before any dense step filled this layer's key/value cache")
     elif slot.keys.shape[0] != image_key.shape[0]:
         raise RuntimeError("batch size changed inside one generation")
-    if ctx.active is None:  # one operator per tensor, as the plain concatenation
+    if ctx.active is None:
+        if torch.is_grad_enabled() and (image_key.requires_grad or image_value.requires_grad):
+            # a call that autograd records (a bare transformer outside no_grad): new tensors, as plain attention
+            slot.keys, slot.values = joined(image_key, text_key), joined(image_value, text_value)
+            return slot.keys, slot.values
+        # one operator per tensor, as the plain concatenation, into the persistent buffer
         torch.cat([text_key, image_key] if text_first else [image_key, text_key], dim=2, out=slot.keys) \
             if text_key is not None else slot.keys.copy_(image_key)
         torch.cat([text_value, image_value] if text_first else [image_value, text_value], dim=2, out=slot.values) \

@@ -35,24 +35,10 @@ def check_int(config, name: str, low: int, high: int | None = None) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class SpeedKnob:
-    """A method's main speed setting, for `specdiff tune`: quality falls roughly monotonically as the
-    field moves from `slowest` to `fastest` (both within the field's allowed range)."""
-
-    field: str
-    slowest: float
-    fastest: float
-    integer: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
 class PolicyConfig:
-    """Base of every method's config. `method` names it in the registry; `speed_knob` and
-    `tuning_alternatives` (other values of secondary fields worth trying) guide `specdiff tune`."""
+    """Base of every method's config. `method` names it in the registry."""
 
     method: ClassVar[str] = ""
-    speed_knob: ClassVar[SpeedKnob | None] = None
-    tuning_alternatives: ClassVar[dict[str, tuple]] = {}
 
     def __post_init__(self) -> None:
         self._check_field_types()

@@ -206,6 +206,8 @@ class Runtime:
         self.keep_buffers = False  # True (CUDA graphs): buffers outlive a generation, for the next one
         self.defer_finish = False  # True while a graph runner calls finish_step itself
         self.generation = 0  # generations started so far
+        self.calls: dict[int, bool] = {}  # threads with a transformer call in progress (the adapter's hooks)
+        self._observing = False  # observers are being called (inside a call, on its thread)
         self._phase: str | None = None  # None: outside a generation, plain compute
         self._owner: int | None = None  # the thread running the generation
         self._busy = threading.Lock()
@@ -242,8 +244,25 @@ class Runtime:
         return self.kv_slots
 
     # -- generation boundaries ---------------------------------------------
+    def running(self) -> str | None:
+        """What is running on this transformer now, in words (None: nothing): a pipeline's generation,
+        or a call of a bare transformer (between the calls of its loop nothing runs)."""
+        owner, here = self._owner, threading.get_ident()
+        # a call on this thread can only be running if its own observers are calling back (a call
+        # interrupted by KeyboardInterrupt leaves an entry that no hook clears: not counted here)
+        others = [thread for thread in list(self.calls) if thread != here]
+        if (self.auto_num_steps is None and owner is not None) or self._observing or others:
+            thread = owner if owner is not None else (others[0] if others else here)
+            where = "this thread" if thread == here else f"thread {thread}"
+            return f"a {self.policy.config.method} generation (started in {where})"
+        return None
+
     def start_generation(self, num_steps: int, cfg_groups: int = 1) -> None:
         if not self._busy.acquire(blocking=False):
+            if self._owner == threading.get_ident():
+                raise RuntimeError(
+                    "specdiff: a generation is already running in this thread on this accelerated transformer "
+                    "(a pipeline call from inside a callback or observer?); call it after the running one returns")
             raise RuntimeError(
                 "specdiff: this accelerated transformer is already generating in another thread; its caches "
                 "belong to one generation at a time: give each thread its own pipeline and transformer, "
@@ -292,6 +311,8 @@ class Runtime:
         self._prepared = None
         self._inputs = {}
         self.defer_finish = False
+        self._observing = False
+        self.calls.pop(threading.get_ident(), None)
         self.context.enabled = False
         self.context.kv_branch = -1
         self.context.active = None
@@ -459,8 +480,12 @@ class Runtime:
                 self._step_facts[prepared] = (plan.compute.shape[1], plan.reuse is not None and prepared.history >= HISTORY_LENGTH)
             if self.observers:
                 event = StepEvent(prepared.branch, branch.step, self._step_timestep, snapshot(signals), plan)
-                for observer in self.observers:
-                    observer(event)
+                self._observing = True
+                try:
+                    for observer in self.observers:
+                        observer(event)
+                finally:
+                    self._observing = False
         self._plan = plan
         ctx.enabled = True
         ctx.real_phase = prepared.phase == "real"

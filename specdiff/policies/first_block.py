@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from specdiff.engine.policy import SpeedKnob, BlockCall, BlockResult, PolicyConfig, check_int, check_range
+from specdiff.engine.policy import BlockCall, BlockResult, PolicyConfig, check_int, check_range
 from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, run_and_measure
 
 
@@ -28,7 +28,6 @@ class FirstBlockCacheConfig(PolicyConfig):
     """
 
     method = "firstblock"
-    speed_knob = SpeedKnob("threshold", 0.01, 0.6)
 
     threshold: float = 0.05
     warmup_steps: int = 1

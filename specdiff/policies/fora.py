@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from specdiff.engine.policy import SpeedKnob, BlockCall, BlockResult, PolicyConfig, check_int
+from specdiff.engine.policy import BlockCall, BlockResult, PolicyConfig, check_int
 from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, run_and_measure
 
 
@@ -24,7 +24,6 @@ class FORAConfig(PolicyConfig):
     """
 
     method = "fora"
-    speed_knob = SpeedKnob("interval", 2, 10, integer=True)
 
     interval: int = 3
 

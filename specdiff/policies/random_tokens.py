@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from specdiff.engine.policy import SpeedKnob, DenseScheduleConfig, Policy, StepPlan, StepSignals, check_range, top_tokens
+from specdiff.engine.policy import DenseScheduleConfig, Policy, StepPlan, StepSignals, check_range, top_tokens
 from specdiff.policies.specdiff import lowest_mass
 
 
@@ -28,7 +28,6 @@ class RandomTokensConfig(DenseScheduleConfig):
     """
 
     method = "random"
-    speed_knob = SpeedKnob("cache_ratio", 0.2, 0.97)
 
     reset_steps: tuple[int, ...] = (12, 22)
     cache_ratio: float = 0.9

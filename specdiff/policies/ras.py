@@ -16,7 +16,6 @@ import dataclasses
 import torch
 
 from specdiff.engine.policy import (
-    SpeedKnob,
     ConfigError,
     DenseScheduleConfig,
     Policy,
@@ -41,8 +40,6 @@ class RASConfig(DenseScheduleConfig):
     """
 
     method = "ras"
-    speed_knob = SpeedKnob("cache_ratio", 0.2, 0.97)
-    tuning_alternatives = {"warmup_steps": (2, 6), "metric": ("l2",)}
 
     cache_ratio: float = 0.5
     metric: str = "std"

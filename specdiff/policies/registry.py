@@ -24,6 +24,22 @@ POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {
 }
 
 
+def register_policy(config_type: type[PolicyConfig], policy_type: type[Policy]) -> None:
+    """Add a method from outside the library: its config class (a PolicyConfig dataclass whose `method`
+    names it) and its policy. Registering the same pair again does nothing; another pair under a taken
+    name is refused."""
+    if not (isinstance(config_type, type) and issubclass(config_type, PolicyConfig)):
+        raise ConfigError(f"register_policy: {config_type!r} is not a PolicyConfig subclass")
+    if not (isinstance(policy_type, type) and issubclass(policy_type, Policy)):
+        raise ConfigError(f"register_policy: {policy_type!r} is not a Policy subclass")
+    name = config_type.method
+    if not isinstance(name, str) or not name or name != name.strip() or ":" in name or "," in name:
+        raise ConfigError(f"register_policy: {config_type.__name__}.method must be a name without ':' or ',', got {name!r}")
+    if POLICIES.get(name, (config_type, policy_type)) != (config_type, policy_type):
+        raise ConfigError(f"register_policy: the method name {name!r} is taken by {POLICIES[name][0].__name__}")
+    POLICIES[name] = (config_type, policy_type)
+
+
 def make_policy(config: PolicyConfig) -> Policy:
     """The policy of a config, or of the registered config it subclasses."""
     by_config = {config_type: policy_type for config_type, policy_type in POLICIES.values()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from specdiff.engine.policy import SpeedKnob, BlockCall, BlockResult, PolicyConfig, check_int
+from specdiff.engine.policy import BlockCall, BlockResult, PolicyConfig, check_int
 from specdiff.policies.block_cache import BlockLevelPolicy, add_residual, full_step, run_and_measure
 
 
@@ -29,8 +29,6 @@ class TaylorSeerConfig(PolicyConfig):
     """
 
     method = "taylorseer"
-    speed_knob = SpeedKnob("interval", 2, 12, integer=True)
-    tuning_alternatives = {"order": (0, 2), "warmup_steps": (2, 5)}
 
     interval: int = 6
     order: int = 1

@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from specdiff.engine.policy import SpeedKnob, BlockCall, BlockResult, PolicyConfig, check_int, check_range, top_tokens
+from specdiff.engine.policy import BlockCall, BlockResult, PolicyConfig, check_int, check_range, top_tokens
 from specdiff.engine.tokens import gather_tokens
 from specdiff.policies.block_cache import BlockLevelPolicy, full_step, run_and_measure
 
@@ -36,8 +36,6 @@ class ToCaConfig(PolicyConfig):
     """
 
     method = "toca"
-    speed_knob = SpeedKnob("interval", 2, 10, integer=True)
-    tuning_alternatives = {"recompute_ratio": (0.05, 0.2)}
 
     interval: int = 4
     recompute_ratio: float = 0.1

@@ -1,0 +1,84 @@
+"""Configs as JSON: the file `specdiff tune` writes (tuned.json) and `load_config` reads back.
+
+    {"format": "specdiff-tuned/1", "method": "specdiff", "config": {"cache_ratio": 0.9, ...},
+     "num_inference_steps": 28, ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from specdiff.engine.policy import ConfigError, PolicyConfig
+
+FORMAT = "specdiff-tuned/1"
+
+
+def config_from_record(record: dict, where: str) -> PolicyConfig:
+    """The config object of a {"method": ..., "config": {...}} record (tuned.json or a comparison row)."""
+    from specdiff.policies.full import FullComputeConfig
+    from specdiff.policies.registry import POLICIES
+
+    method = record.get("method")
+    if method == FullComputeConfig.method:
+        return FullComputeConfig()
+    if method not in POLICIES:
+        raise ConfigError(f"{where}: method {method!r} is not one of {', '.join(POLICIES)}")
+    config_type = POLICIES[method][0]
+    fields = record.get("config") or {}
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where}: 'config' must be an object of field: value")
+    known = {f.name: f for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: {config_type.__name__} has no field {unknown[0]!r}; its fields: "
+                          f"{', '.join(sorted(known))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    try:
+        return config_type(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def load_config(path) -> PolicyConfig:
+    """The config saved by `specdiff tune` (tuned.json), as the config object to pass to `enable`.
+
+    When the pick is full compute with fewer steps, this is FullComputeConfig() and tuned.json's
+    num_inference_steps is the part that matters (`specdiff generate --config` applies it)."""
+    record = read_tuned(path)
+    return config_from_record(record, str(path))
+
+
+def read_tuned(path) -> dict:
+    where = str(path)
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{where}: cannot read it ({error.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{where} is not a JSON file written by `specdiff tune` ({error})") from None
+    if not isinstance(record, dict) or "method" not in record:
+        raise ConfigError(f"{where}: expected an object with 'method' and 'config' (as `specdiff tune` writes)")
+    if record.get("met") is False or record.get("method") is None:
+        raise ConfigError(f"{where}: the tune found no setting that met {record.get('target', 'its target')!r}; "
+                          "there is no config to load")
+    steps = record.get("num_inference_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"{where}: num_inference_steps must be a positive integer, got {steps!r}")
+    return record
+
+
+def save_config(config: PolicyConfig, path, num_inference_steps: int | None = None) -> None:
+    """Write a config as a tuned.json-style file that `load_config` reads back."""
+    record = {"format": FORMAT, "method": config.method, "config": dataclasses.asdict(config),
+              "num_inference_steps": num_inference_steps}
+    write_atomically(Path(path), json.dumps(record, indent=1))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
