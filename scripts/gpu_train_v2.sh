@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train embedded v2's larger configuration (8 blocks x 192, about 21 MB in fp16) on a lent GPU, then send the
+# Train embedded v2's larger configuration (8 blocks x 192, about 21 MB in fp16) on a GPU, then send the
 # exported weights back as a tar in parts of at most 15 MiB (the device tool returns files of at most 16 MiB).
 #
 # Prepare on this machine (ignored folders; they travel with `carry`):
@@ -9,7 +9,7 @@
 # Back here:  cat <files_at>/embedded-v2-gpu.tar.part-* | tar -xf - -C /tmp   (-> /tmp/gpu-export, hash-checked)
 # Tiny test on a CPU: DEVICE=cpu MINUTES=0.3 LAYERS=1 BATCH=2 WORKERS=1 OUT=/tmp/o bash scripts/gpu_train_v2.sh
 # INIT=specdiff/lab/embedded/weights_v2 continues the shipped model instead (its size; LAYERS / HEADS unused):
-# session 8's 3.5 minutes from scratch gave 1,253 steps, far too few for the 8-block model. INIT with GROW=N
+# an earlier run's 3.5 minutes from scratch gave 1,253 steps, far too few for the 8-block model. INIT with GROW=N
 # (N above the folder's blocks) starts an N-block model that computes the shipped one's function, its new
 # blocks copies with zero output gates, so minutes of a GPU add depth without starting over.
 set -euo pipefail

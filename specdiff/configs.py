@@ -9,27 +9,55 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from pathlib import Path
 
 from specdiff.engine.policy import ConfigError, PolicyConfig
 
 FORMAT = "specdiff-tuned/1"
+MAX_TEXT_BYTES = 16 * 2**20  # a config or prompt file larger than this is refused before it is read
+
+
+def read_text_file(path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes. Checked before it is opened (links are
+    followed): a device (/dev/zero), a pipe with no writer, a folder, or a file too large is a
+    ConfigError naming `what` and the file, never an endless read."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as error:
+        raise ConfigError(f"{what} {str(path)!r}: cannot read it ({error.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{what} {str(path)!r} is not a regular file (a device, pipe or folder); give a text file")
+    if info.st_size > limit:
+        raise ConfigError(f"{what} {str(path)!r} is {info.st_size:,} bytes; at most {limit:,} are read")
+    try:
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)  # bounded even if the file grows meanwhile
+    except OSError as error:
+        raise ConfigError(f"{what} {str(path)!r}: cannot read it ({error.strerror})") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} {str(path)!r} is larger than {limit:,} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text") from None
 
 
 def config_from_record(record: dict, where: str) -> PolicyConfig:
     """The config object of a {"method": ..., "config": {...}} record (tuned.json or a comparison row)."""
-    from specdiff.policies.full import FullComputeConfig
     from specdiff.policies.registry import POLICIES
 
     method = record.get("method")
-    if method == FullComputeConfig.method:
-        return FullComputeConfig()
-    if method not in POLICIES:
-        raise ConfigError(f"{where}: method {method!r} is not one of {', '.join(POLICIES)}")
-    config_type = POLICIES[method][0]
-    fields = record.get("config") or {}
+    if not isinstance(method, str) or method not in POLICIES:
+        raise ConfigError(f"{where}: 'method' must be one of {', '.join(POLICIES)}, got {method!r}"[:400])
+    fields = record.get("config", {})
+    if fields is None:
+        fields = {}
     if not isinstance(fields, dict):
-        raise ConfigError(f"{where}: 'config' must be an object of field: value")
+        raise ConfigError(f"{where}: 'config' must be an object of field: value, got {type(fields).__name__} "
+                          f"{fields!r}"[:400])
+    config_type = POLICIES[method][0]
     known = {f.name: f for f in dataclasses.fields(config_type)}
     unknown = sorted(set(fields) - set(known))
     if unknown:
@@ -53,12 +81,13 @@ def load_config(path) -> PolicyConfig:
 
 def read_tuned(path) -> dict:
     where = str(path)
+    text = read_text_file(path, "config file")
     try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"{where}: cannot read it ({error.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{where} is not a JSON file written by `specdiff tune` ({error})") from None
+        record = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{where} nests too deeply to be a file written by `specdiff tune`") from None
+    except ValueError as error:  # JSONDecodeError, and integers longer than Python parses
+        raise ConfigError(f"{where} is not a JSON file written by `specdiff tune` ({str(error)[:200]})") from None
     if not isinstance(record, dict) or "method" not in record:
         raise ConfigError(f"{where}: expected an object with 'method' and 'config' (as `specdiff tune` writes)")
     if record.get("met") is False or record.get("method") is None:

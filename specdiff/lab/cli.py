@@ -114,6 +114,10 @@ def _config_from_args(args):
         config = config_from_record(record, args.config)
     except ConfigError as error:
         raise CLIError(str(error)) from None
+    tuned_for = record.get("model")
+    if isinstance(tuned_for, str) and tuned_for != args.model:
+        print(f"specdiff: warning: {args.config} was tuned on --model {tuned_for}, not {args.model}: its verification "
+              "figures do not carry over to this model (tune it here to know)", file=sys.stderr)
     if args.steps is None:
         args.steps = record.get("num_inference_steps") or 28
     return config

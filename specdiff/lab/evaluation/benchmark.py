@@ -75,12 +75,9 @@ def load_bench_pipeline(model: str, device: str):
 
 def read_prompt_file(path: str, count: int, needed_for: str = "--num-prompts asks for") -> list[str]:
     """The first `count` non-empty lines of a text file (one prompt per line)."""
-    try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    except OSError as error:
-        raise ConfigError(f"--prompts {path!r}: cannot read it ({error.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--prompts {path!r} is not UTF-8 text (one prompt per line)") from None
+    from specdiff.configs import read_text_file
+
+    lines = [line.strip() for line in read_text_file(path, "--prompts").splitlines()]
     prompts = [line for line in lines if line]
     if len(prompts) < count:
         raise ConfigError(f"--prompts {path!r} has {len(prompts)} prompts; {needed_for} {count}")
