@@ -50,7 +50,7 @@ def config_from_record(record: dict, where: str) -> PolicyConfig:
 
     method = record.get("method")
     if not isinstance(method, str) or method not in POLICIES:
-        raise ConfigError(f"{where}: 'method' must be one of {', '.join(POLICIES)}, got {method!r}"[:400])
+        raise ConfigError(f"{where}: method {method!r} is not one of {', '.join(POLICIES)}"[:400])
     fields = record.get("config", {})
     if fields is None:
         fields = {}

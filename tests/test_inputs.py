@@ -53,8 +53,8 @@ def test_the_cli_refuses_special_files_in_one_line(special_files, capsys):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"method": ["ras"], "config": {}}, "'method' must be one of"),
-    ({"method": {"name": "ras"}, "config": {}}, "'method' must be one of"),
+    ({"method": ["ras"], "config": {}}, "method \\['ras'\\] is not one of"),
+    ({"method": {"name": "ras"}, "config": {}}, "is not one of"),
     ({"method": "ras", "config": []}, "'config' must be an object"),
     ({"method": "ras", "config": 0}, "'config' must be an object"),
     ({"method": "ras", "config": False}, "'config' must be an object"),

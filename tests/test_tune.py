@@ -218,3 +218,43 @@ def test_relative_targets_are_rebased_on_full_computes_score_on_the_verification
     assert chosen["verification_threshold"] == pytest.approx(chosen["verification_full_score"] - 100)
     low, high = chosen["verification_difference_to_full_ci95"]
     assert low <= chosen["verification_score"] - chosen["verification_full_score"] <= high and chosen["holds"]
+
+
+def _row(label, meets, score, threshold, speed, role="tuned"):
+    return {"label": label, "role": role, "calibration_meets": meets, "verification_score": score,
+            "holds": None if score is None else score >= threshold,
+            "misses_by": None if score is None else max(0.0, threshold - score),
+            "calibration_speedup_flops": speed, "speedup_wallclock_median": speed, "chosen": False}
+
+
+def test_tune_never_chooses_a_setting_that_failed_its_verification():
+    """Planted as in a real run: fewer steps fastest but 0.11 below the target on the verification
+    prompts, TaylorSeer and SpecDiff slower and holding: the fastest that holds is chosen."""
+    from specdiff.lab.evaluation.tune import pick
+
+    rows = [_row("full:steps=7", True, 29.89, 30.0, 3.57), _row("taylorseer:interval=3", True, 35.99, 30.0, 2.20),
+            _row("specdiff-study:importance=change", True, 31.82, 30.0, 1.61),
+            _row("fora", False, 29.9, 30.0, 2.31, role="default")]
+    chosen, closest = pick(rows, "calibration_speedup_flops")
+    assert chosen["label"] == "taylorseer:interval=3" and chosen["chosen"] and closest is None
+    assert not rows[0]["chosen"]
+    # none holds: nothing is chosen; the one missing by least is the closest, marked as not met
+    failing = [_row("full:steps=7", True, 29.89, 30.0, 3.57), _row("fora", True, 29.5, 30.0, 2.3)]
+    chosen, closest = pick(failing, "calibration_speedup_flops")
+    assert chosen is None and closest["label"] == "full:steps=7" and closest["closest_not_met"]
+    assert not any(r["chosen"] for r in failing)
+
+
+def test_a_tune_with_no_holding_setting_writes_nothing_to_load(tmp_path):
+    from specdiff.lab.evaluation.tune import TuneResult, parse_target
+
+    closest = _row("full:steps=7", True, 29.89, 30.0, 3.57)
+    closest.update(method="full", config={}, num_inference_steps=7)
+    result = TuneResult(parse_target("psnr>=30"), 30.0, 100.0, None, [closest], [], {}, closest)
+    record = result.to_json()
+    assert record["met"] is False and record["method"] is None
+    assert record["closest_not_met"]["label"] == "full:steps=7" and record["closest_not_met"]["misses_by"] > 0
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="no setting that met"):
+        load_config(path)

@@ -433,6 +433,10 @@ def cmd_tune(args) -> int:
         raise CLIError(str(error)) from None
     print(summary_markdown(result))
     print(f"tune: results in {out}: tuned.json, summary.md, pareto.png")
+    if result.chosen is None and result.closest is not None:
+        print(f"tune: no setting held {target.text!r} on the verification prompts; closest, not met: "
+              f"{result.closest['label']} (misses by {result.closest['misses_by']:.3f})", file=sys.stderr)
+        return 1
     if result.chosen is None:
         print(f"tune: no setting met {target.text!r} on the calibration prompts (best per method above)", file=sys.stderr)
         return 1

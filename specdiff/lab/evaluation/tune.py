@@ -303,10 +303,11 @@ class TuneResult:
     target: Target
     threshold: float
     full_score: float
-    chosen: dict | None  # the verification row of the chosen setting (None: nothing met the target)
+    chosen: dict | None  # the verification row of the chosen setting (None: nothing held the target)
     comparison: list[dict]  # verification rows: every method's default and its fastest passing setting
     tried: list[dict]  # every calibration evaluation
     meta: dict
+    closest: dict | None = None  # when nothing held: the verified setting that missed by least (not chosen)
 
     @property
     def config(self) -> PolicyConfig | None:
@@ -332,6 +333,9 @@ class TuneResult:
                 "verification_score", "verification_score_ci95", "verification_threshold", "verification_full_score",
                 "verification_difference_to_full_ci95", "holds", "misses_by", "speedup_wallclock_median",
                 "speedup_wallclock_ci95", "speedup_flops")} if self.chosen else None,
+            "closest_not_met": None if self.closest is None else {
+                k: self.closest.get(k) for k in ("label", "method", "config", "num_inference_steps",
+                                                 "verification_score", "misses_by", "speedup_wallclock_median")},
             **self.meta,
             "comparison": self.comparison, "tried": self.tried,
         })
@@ -543,11 +547,7 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
                 finalists = [(f, "tuned (= default)" if f is entry else role) for f, role in finalists]
     comparison = _verify(runner, scorer, full, finalists, verify_prompts, verify_scenes, calibration, threshold, target,
                          bar=progress)
-    passing_rows = [r for r in comparison if r["calibration_meets"] and r["role"].startswith("tuned")]
-    key = "calibration_speedup_flops" if rank == "flops" else "speedup_wallclock_median"
-    chosen = max(passing_rows, key=lambda r: r[key], default=None)
-    if chosen is not None:
-        chosen["chosen"] = True
+    chosen, closest = pick(comparison, "calibration_speedup_flops" if rank == "flops" else "speedup_wallclock_median")
     from specdiff import __version__
 
     meta = {
@@ -564,10 +564,27 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
     tried = [{"label": e.setting.label, "method": e.setting.method, "config": e.setting.fields(),
               "num_inference_steps": e.setting.steps, "calibration_score": e.score,
               "speedup_flops": e.speedup_flops, "meets": e.meets, "seconds": e.seconds} for e in order]
-    result = TuneResult(target, threshold, full_score, chosen, comparison, tried, meta)
+    result = TuneResult(target, threshold, full_score, chosen, comparison, tried, meta, closest)
     if out is not None:
         write_outputs(result, Path(out))
     return result
+
+
+def pick(comparison: list[dict], key: str) -> tuple[dict | None, dict | None]:
+    """(chosen, closest): the fastest by `key` of the settings that met the target on the calibration
+    prompts AND hold it on the verification prompts (marked "chosen"); when none holds, no choice, and
+    the verified setting that misses by least, as the closest (marked, never chosen)."""
+    candidates = [r for r in comparison if r["calibration_meets"] and r.get("verification_score") is not None]
+    holding = [r for r in candidates if r["holds"]]
+    chosen = max(holding, key=lambda r: r[key], default=None)
+    if chosen is not None:
+        chosen["chosen"] = True
+        return chosen, None
+    verified = [r for r in comparison if r.get("verification_score") is not None]
+    closest = min(verified, key=lambda r: (r["misses_by"], -r[key]), default=None)
+    if closest is not None:
+        closest["closest_not_met"] = True
+    return None, closest
 
 
 def _default_setting(name: str, steps: int) -> Setting | None:
@@ -642,7 +659,14 @@ def summary_markdown(result: TuneResult) -> str:
                  f"{('one standard error' + (' of its difference to full compute' if t.relative else '')) if m['margin'] == 'auto' else m['margin']}. "
                  f"Chosen by: {m['speed_used_to_choose']}.")
     lines.append("")
-    if result.chosen is None:
+    if result.chosen is None and result.closest is not None:
+        c = result.closest
+        lines.append(f"**No setting held the target on the verification prompts.** Closest, not met: "
+                     f"`{c['label']}` — {t.metric} {c['verification_score']:.3f} there, misses by "
+                     f"{c['misses_by']:.3f}; {c['speedup_wallclock_median']:.2f}x wall-clock. Nothing is written "
+                     "to load: loosen the target, or run it with the closest setting knowingly.")
+        lines.append("")
+    elif result.chosen is None:
         lines.append("**No setting met the target on the calibration prompts.** Best found per method:")
         lines.append("")
         best = {}
