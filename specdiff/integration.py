@@ -22,14 +22,16 @@ import torch
 from specdiff.adapters.base import Adapter, offloading_of
 from specdiff.engine.graphs import StepGraphs
 from specdiff.adapters.flux import FluxAdapter
+from specdiff.adapters.qwenimage import QwenImageAdapter
 from specdiff.adapters.sd3 import SD3Adapter
 from specdiff.engine.runtime import GenerationSummary, Runtime
 from specdiff.engine.policy import PolicyConfig
 from specdiff.policies.registry import make_policy
 from specdiff.policies.specdiff import SpecDiffConfig
 
-ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter)
-SUPPORTED = "diffusers SD3Transformer2DModel (SD3, SD3.5, the embedded model) and FluxTransformer2DModel (FLUX.1)"
+ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter, QwenImageAdapter)
+SUPPORTED = ("diffusers SD3Transformer2DModel (SD3, SD3.5, the embedded model), FluxTransformer2DModel (FLUX.1) "
+             "and QwenImageTransformer2DModel (Qwen-Image)")
 
 _STATE_ATTR = "_specdiff_state"
 # The last summary of each transformer, still readable after disable (weak: kept no longer than the model).
@@ -41,6 +43,17 @@ class UnsupportedModelError(TypeError):
 
 
 class _State:
+    """What enable put on a transformer (and pipeline); copying or pickling it would share or lose the
+    per-process caches and hooks, so both are refused with the fix."""
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("specdiff: an enabled model cannot be pickled (its caches and hooks are per process); "
+                        "call specdiff.disable first, and enable again after loading")
+
+    def __deepcopy__(self, memo):
+        raise TypeError("specdiff: an enabled model cannot be copied (the copy would share its hooks and caches); "
+                        "copy it before specdiff.enable, or disable, copy, and enable each copy")
+
     def __init__(self, adapter: Adapter, runtime: Runtime, pipeline=None, original_class=None) -> None:
         self.adapter = adapter
         self.runtime = runtime
@@ -63,6 +76,9 @@ def _transformer_of(obj):
 def _adapter_for(transformer) -> type[Adapter]:
     for adapter in ADAPTERS:
         if adapter.supports(transformer):
+            reason = adapter.unsupported(transformer)
+            if reason is not None:
+                raise UnsupportedModelError(f"{type(transformer).__name__} {reason}; supported: {SUPPORTED}")
             return adapter
     raise UnsupportedModelError(f"{type(transformer).__name__} is not supported; supported: {SUPPORTED}")
 
@@ -108,6 +124,9 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
         raise ValueError(f"enable(num_inference_steps=...) must be an integer >= 1, got {num_inference_steps!r}")
     if not isinstance(cfg_batch, bool):
         raise ValueError(f"enable(cfg_batch=...) must be True or False, got {cfg_batch!r}")
+    if num_inference_steps is not None and not isinstance(obj, torch.nn.Module):
+        raise ValueError("enable(num_inference_steps=...) is for a bare transformer; a pipeline takes its steps in "
+                         f"its call: pipe(prompt, num_inference_steps={num_inference_steps})")
     if cuda_graphs not in (False, True, "eager") or isinstance(cuda_graphs, (int, float)) and not isinstance(cuda_graphs, bool):
         raise ValueError(f"enable(cuda_graphs=...) must be False, True or 'eager', got {cuda_graphs!r}")
     transformer, pipeline = _transformer_of(obj)
@@ -184,6 +203,8 @@ def compile_blocks(obj, *, recompile_limit: int = 64, **compile_options) -> int:
     Block-level methods keep their per-step decision outside the graph and compile each block's own
     forward.
     """
+    if isinstance(recompile_limit, bool) or not isinstance(recompile_limit, int) or recompile_limit < 1:
+        raise ValueError(f"compile_blocks(recompile_limit=...) must be an integer >= 1, got {recompile_limit!r}")
     transformer, _ = _transformer_of(obj)
     adapter_type = _adapter_for(transformer)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
@@ -251,6 +272,9 @@ def observe(obj, observer) -> "Callable[[], None]":
     state = _state_of(obj)
     if state is None:
         raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
+    if not callable(observer):
+        raise TypeError(f"specdiff.observe(obj, observer): observer must be callable with one StepEvent, "
+                        f"got {type(observer).__name__}")
     if state.adapter.graphs is not None and state.adapter.graphs.capture:
         raise RuntimeError("specdiff.observe cannot see steps replayed from CUDA graphs (their plans never reach the "
                            "host): enable with cuda_graphs=False or 'eager' to observe")
@@ -287,10 +311,16 @@ def _refuse_pickle(pipe, protocol=None):
                     "call specdiff.disable(pipe) first, and enable again after loading")
 
 
+def _refuse_deepcopy(pipe, memo):
+    raise TypeError("specdiff: an enabled pipeline cannot be copied (the copy would share its transformer's hooks "
+                    "and caches); copy it before specdiff.enable, or disable, copy, and enable each copy")
+
+
 def _accelerated_class(cls: type) -> type:
     if cls not in _CLASS_CACHE:
         _CLASS_CACHE[cls] = type(cls.__name__, (cls,), {
             "__call__": _accelerated_call, "__module__": cls.__module__, "__reduce_ex__": _refuse_pickle,
+            "__deepcopy__": _refuse_deepcopy,
         })
     return _CLASS_CACHE[cls]
 
@@ -332,6 +362,10 @@ def _accelerated_call(pipe, *args, **kwargs):
             "pipeline and the old transformer), then specdiff.enable(pipe, config) for the new one"
         )
     runtime = state.runtime
+    other = _other_cache(pipe.transformer)
+    if other is not None:
+        raise RuntimeError(f"{other} was installed on this transformer after specdiff.enable; two caches would "
+                           "each skip work the other relies on: remove it, or specdiff.disable(pipe)")
     base_call = state.original_class.__call__
     bound = _call_arguments(pipe, args, kwargs)
     arguments = dict(bound.arguments)
@@ -408,7 +442,11 @@ def _speculate(pipe, base_call, arguments: dict, runtime: Runtime) -> None:
         if runtime.cfg_groups == 2:
             spec_args["guidance_scale"] = 1.0  # conditional rows only
         if (spec_args.get("true_cfg_scale") or 1.0) > 1.0:
-            spec_args["true_cfg_scale"] = 1.0  # FLUX: no negative branch
+            spec_args["true_cfg_scale"] = 1.0  # FLUX, Qwen-Image: no negative branch
+            for key in ("negative_prompt", "negative_prompt_2", "negative_prompt_embeds",
+                        "negative_prompt_embeds_mask", "negative_pooled_prompt_embeds"):
+                if spec_args.get(key) is not None:
+                    spec_args[key] = None  # else the pipeline warns that it is given and unused
     if spec_args.get("latents") is None:
         spec_args["generator"] = _speculation_generators(pipe, arguments)
     progress = getattr(pipe, "_progress_bar_config", None)

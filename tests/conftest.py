@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline
 
 STEPS = 8
 
@@ -32,3 +32,8 @@ def sd3():
 @pytest.fixture(scope="module")
 def flux():
     return quiet(tiny_flux_pipeline())
+
+
+@pytest.fixture(scope="module")
+def qwenimage():
+    return quiet(tiny_qwenimage_pipeline())

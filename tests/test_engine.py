@@ -7,7 +7,7 @@ import torch
 
 import specdiff
 from specdiff.policies.registry import make_policy
-from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline
 
 from conftest import STEPS, generate  # the shared helper; the sd3 / flux fixtures come from conftest.py
 
@@ -17,6 +17,8 @@ CASES = {
     "sd35-dual-attention": (lambda: tiny_sd3_pipeline(dual_attention=True), dict(guidance_scale=5.0)),
     "flux-embedded-guidance": (tiny_flux_pipeline, dict(guidance_scale=3.5)),
     "flux-true-cfg": (tiny_flux_pipeline, dict(guidance_scale=3.5, negative_prompt="blurry", true_cfg_scale=2.0)),
+    "qwenimage-true-cfg-batch-2-non-square": (tiny_qwenimage_pipeline, dict(
+        negative_prompt="blurry", true_cfg_scale=3.0, num_images_per_prompt=2, height=48, width=64)),
 }
 
 
@@ -35,7 +37,7 @@ def test_every_token_computed_matches_plain_model(case):
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     sparse = [r for r in summary.real_steps() if r.kind == "sparse"]
     assert len(sparse) >= STEPS - 1  # the token-subset path really ran
-    if case == "flux-true-cfg":
+    if "true-cfg" in case:
         assert {r.branch for r in summary.real_steps()} == {0, 1}
 
 

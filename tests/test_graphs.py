@@ -21,7 +21,7 @@ TOKEN_LEVEL = {
 }
 
 
-@pytest.fixture(scope="module", params=["sd3", "flux"])
+@pytest.fixture(scope="module", params=["sd3", "flux", "qwenimage"])
 def pipe(request):
     pipe = request.getfixturevalue(request.param)  # conftest.py's tiny stock pipelines
     pipe.family = request.param
@@ -33,6 +33,8 @@ def _call(pipe, height=64, width=48, **extra):
                      output_type="latent", generator=torch.Generator().manual_seed(0), **extra)
     if pipe.family == "sd3":
         arguments["guidance_scale"] = 4.0  # a CFG batch
+    if pipe.family == "qwenimage":
+        arguments.update(negative_prompt="blurry", true_cfg_scale=3.0)  # CFG as a second call per step
     return pipe(**arguments).images
 
 
@@ -54,7 +56,8 @@ def test_replayed_steps_equal_the_plain_path_across_generations(pipe, method):
             outputs.append(_call(pipe))
             addresses.append(runtime.buffer_addresses())
         assert graphs.replays >= STEPS  # the later generations run from graphs
-        assert graphs.captures == len(graphs.variants) <= 8  # a few kinds of step, each captured once
+        branches = 2 if pipe.family == "qwenimage" else 1  # true CFG: a second call per step, its own kinds
+        assert graphs.captures == len(graphs.variants) <= 8 * branches  # a few kinds of step, each captured once
         assert addresses[0] == addresses[1] == addresses[2]  # buffers reused: same data pointers
         for output in outputs:
             assert torch.allclose(output, expected, atol=1e-5, rtol=0)
@@ -90,7 +93,8 @@ def test_changed_weights_drop_the_graphs(pipe):
         weight.data = original.clone() * 1.5  # new storage: a graph would read the old address
         try:
             output = _call(pipe)
-            assert sum(v.calls for v in graphs.variants.values()) == STEPS  # only this generation's: dropped at its start
+            calls = STEPS * (2 if pipe.family == "qwenimage" else 1)  # true CFG: two calls per step
+            assert sum(v.calls for v in graphs.variants.values()) == calls  # only this generation's: dropped at its start
             specdiff.disable(pipe)
             assert torch.allclose(output, _plain(pipe, config), atol=1e-5, rtol=0)
         finally:

@@ -298,6 +298,15 @@ class Adapter:
     def supports(cls, model) -> bool:
         return isinstance(model, cls.model_types)
 
+    @classmethod
+    def unsupported(cls, model) -> str | None:
+        """Why this model of the family cannot be accelerated (a variant the engine cannot honour), or None."""
+        return None
+
+    def refuse_call(self, arguments: dict) -> str | None:
+        """What in this call's arguments the engine cannot honour yet (besides refused_arguments), or None."""
+        return None
+
     @staticmethod
     def cfg_groups(arguments: dict) -> int:
         """How the family's pipelines lay out classifier-free guidance, from the call's arguments:
@@ -358,7 +367,10 @@ class Adapter:
             value = arguments.get(name)
             if value is not None and value is not False and not (isinstance(value, (list, tuple)) and not value):
                 raise NotImplementedError(f"specdiff does not accelerate {type(module).__name__} with {what} yet")
-        attention_kwargs = arguments.get("joint_attention_kwargs") or {}
+        refused = self.refuse_call(arguments) if accelerated else None
+        if refused is not None:
+            raise NotImplementedError(f"specdiff does not accelerate {type(module).__name__} with {refused} yet")
+        attention_kwargs = arguments.get("joint_attention_kwargs") or arguments.get("attention_kwargs") or {}
         if accelerated and "ip_adapter_image_embeds" in attention_kwargs:
             raise NotImplementedError(f"specdiff does not accelerate {type(module).__name__} with an IP-Adapter yet")
         context = self.runtime.context  # per thread: a plain call elsewhere cannot change it

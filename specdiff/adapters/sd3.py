@@ -30,7 +30,11 @@ def _qkv(x, heads, projections, norms):
 class SD3TokenCachingProcessor:
     """JointAttnProcessor2_0's math, with image keys/values read from the engine's cache."""
 
-    def __init__(self, context: AttentionContext, kv_slots: list[LayerKV], layer_index: int) -> None:
+    def __init__(self, context: AttentionContext | None = None, kv_slots: list[LayerKV] | None = None,
+                 layer_index: int = 0) -> None:
+        if context is None:  # diffusers re-creates processors from their class when it loads an IP-Adapter
+            raise RuntimeError("specdiff: disable before loading an IP-Adapter (specdiff.disable(pipe), load it, then "
+                               "specdiff.enable(pipe) again); specdiff does not accelerate IP-Adapter calls yet")
         self.context = context
         self.kv_slots = kv_slots
         self.tap_offset = torch.tensor(layer_index * 7919)  # where this layer's tap queries start

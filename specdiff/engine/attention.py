@@ -34,6 +34,10 @@ class AttentionContext(threading.local):
     would silently run as if disabled.
     """
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError("specdiff: an enabled model cannot be pickled (its caches and hooks are per process); "
+                        "call specdiff.disable first, and enable again after loading")
+
     def __init__(self) -> None:
         self.enabled: bool = False
         self.real_phase: bool = False  # this call belongs to the real pass (not the speculative one)

@@ -85,7 +85,7 @@ class GenerationSummary:
         """Plain numbers, for JSON or a DataFrame: one dict per step under "steps"."""
         self.resolve()
         return {
-            "method": self.method, "config": repr(self.config), "total_seconds": self.total_seconds,
+            "method": self.method, "config": config_fields(self.config), "total_seconds": self.total_seconds,
             "speculation_seconds": self.speculation_seconds, "scoring_seconds": self.scoring_seconds,
             "computed_fraction": self.computed_fraction(),
             "steps": [dataclasses.asdict(r) for r in self.records],
@@ -104,9 +104,11 @@ class GenerationSummary:
 
     def _footer(self) -> str:
         total = max(self.total_seconds, 1e-9)
+        speculated = any(r.phase == "speculative" for r in self.records)  # methods that never speculate: no line
+        speculation = (f"speculation {self.speculation_seconds:.3f} s ({100 * self.speculation_seconds / total:.1f}%); "
+                       if speculated else "")
         return (
-            f"total {self.total_seconds:.3f} s; speculation {self.speculation_seconds:.3f} s "
-            f"({100 * self.speculation_seconds / total:.1f}%); scoring and bookkeeping "
+            f"total {self.total_seconds:.3f} s; {speculation}scoring and bookkeeping "
             f"{self.scoring_seconds:.3f} s ({100 * self.scoring_seconds / total:.1f}%); "
             f"token-block work {100 * self.computed_fraction():.1f}% of full compute"
         )
@@ -136,6 +138,13 @@ class GenerationSummary:
         return (f"<p><b>{html.escape(self.method)}</b> {html.escape(str(self.config))}</p>"
                 f"<table><tr>{head}</tr>{body}</table><p>{html.escape(self._footer())}</p>"
                 f"<p><small>{html.escape(self.LEGEND)}</small></p>")
+
+
+def config_fields(config) -> dict:
+    """A config as plain JSON fields (tuples as lists), for results files."""
+    if dataclasses.is_dataclass(config):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {"repr": repr(config)}
 
 
 @dataclasses.dataclass(frozen=True)

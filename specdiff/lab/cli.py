@@ -465,7 +465,10 @@ def cmd_methods(args) -> int:
 def build_parser(method_options: bool = True) -> argparse.ArgumentParser:
     """The parser; method_options=False leaves out generate's per-field options, whose config classes
     import torch (main builds them only for `specdiff generate`, so `specdiff --help` starts fast)."""
+    from specdiff import __version__
+
     parser = argparse.ArgumentParser(prog="specdiff", description="Faster diffusion transformers by token caching.")
+    parser.add_argument("--version", action="version", version=f"specdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from specdiff.lab.evaluation.bench_args import add_threads_option

@@ -19,13 +19,15 @@ NAMED_MODELS = {
     "embedded-v2": "the second embedded scene model (shipped weights)",
     "tiny-sd3": "a stock StableDiffusion3Pipeline with tiny random weights (smoke runs)",
     "tiny-flux": "a stock FluxPipeline with tiny random weights (smoke runs)",
+    "tiny-qwenimage": "a stock QwenImagePipeline with tiny random weights (smoke runs)",
 }
+TINY = {"tiny-sd3": "tiny_sd3_pipeline", "tiny-flux": "tiny_flux_pipeline", "tiny-qwenimage": "tiny_qwenimage_pipeline"}
 MODEL_HELP = "one of " + ", ".join(NAMED_MODELS) + ", or a local diffusers SD3 / SD3.5 / FLUX folder"
 
 
 def call_defaults(model: str | None) -> dict:
     """Pipeline call arguments a named model needs (the tiny pipelines' small images)."""
-    return dict(height=64, width=64) if model in ("tiny-sd3", "tiny-flux") else {}
+    return dict(height=64, width=64) if model in TINY else {}
 
 
 def load_pipeline(model: str | None, device: str, dtype_name: str = "float32"):
@@ -33,11 +35,10 @@ def load_pipeline(model: str | None, device: str, dtype_name: str = "float32"):
     import torch
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
-    if model in ("tiny-sd3", "tiny-flux"):
-        from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
+    if model in TINY:
+        from specdiff.lab import tiny_pipelines
 
-        make = tiny_sd3_pipeline if model == "tiny-sd3" else tiny_flux_pipeline
-        return make().to(device=device, dtype=dtype), NAMED_MODELS[model]
+        return getattr(tiny_pipelines, TINY[model])().to(device=device, dtype=dtype), NAMED_MODELS[model]
     if model is None or model == "embedded":
         from specdiff.lab.embedded.pipeline import CorruptModelError, load_scene_pipeline
 

@@ -1,4 +1,4 @@
-"""Stock StableDiffusion3Pipeline / FluxPipeline objects with tiny random weights, built offline.
+"""Stock StableDiffusion3Pipeline / FluxPipeline / QwenImagePipeline objects with tiny random weights, built offline.
 
 For tests and engine benchmarks: the pipeline code is diffusers' own; only
 the components are small. Tokenizers are built in memory from a character
@@ -117,6 +117,57 @@ def tiny_flux_pipeline(width: int = 64, double_layers: int = 1, single_layers: i
         text_encoder=clip_plain, tokenizer=_clip_tokenizer(),
         text_encoder_2=_t5_encoder(64, len(_t5_tokenizer())), tokenizer_2=_t5_tokenizer(),
     ))
+
+
+def _qwen_tokenizer():
+    """A byte-level tokenizer with Qwen's chat tokens and no merges (one token per byte), in memory."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return Qwen2TokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                              additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def _qwen_text_encoder(vocab: int, hidden: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048, bos_token_id=vocab - 3,
+                eos_token_id=vocab - 3, pad_token_id=vocab - 3,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=2,
+                  spatial_merge_size=1, temporal_patch_size=1)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=vocab,
+                                                               hidden_size=hidden, bos_token_id=vocab - 3,
+                                                               eos_token_id=vocab - 3))
+
+
+def tiny_qwenimage_pipeline(width: int = 32, layers: int = 2, heads: int = 2, seed: int = 0):
+    """A QwenImagePipeline with random weights: a one-layer Qwen2.5-VL text encoder with a byte tokenizer, a
+    small Qwen-Image VAE (downsamples by 4), latents packed 2 x 2. Classifier-free guidance is
+    `true_cfg_scale` with a `negative_prompt` (a second transformer call per step)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    head_dim = width // heads
+    rope = (head_dim - 2 * (head_dim // 8 * 3), head_dim // 8 * 3, head_dim // 8 * 3)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=16, axes_dims_rope=rope)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    tokenizer = _qwen_tokenizer()
+    return _eval(QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=vae, text_encoder=_qwen_text_encoder(len(tokenizer), 16), tokenizer=tokenizer, transformer=transformer))
 
 
 def save_tiny_clip(folder) -> None:

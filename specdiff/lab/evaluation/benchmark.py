@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from specdiff.engine.runtime import config_fields
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -195,7 +197,8 @@ def summarise(methods, records, prompts, scenes, flops, checker=None, clip=None,
         finite = [p for p in psnrs if np.isfinite(p)]
         row = {
             "method": spec.label,
-            "config": repr(spec.config) if spec.config is not None else repr(spec.peer or "FullComputeConfig()"),
+            "config": config_fields(spec.config) if spec.config is not None else (
+                {"peer": spec.peer[0], **spec.peer[1]} if spec.peer else {}),
             "images": len(order),
             "seconds_per_image_median": statistics.median(r["seconds_per_image"] for r in rs),
             "speedup_wallclock_median": statistics.median(ratios),
