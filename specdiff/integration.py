@@ -24,14 +24,15 @@ from specdiff.engine.graphs import StepGraphs
 from specdiff.adapters.flux import FluxAdapter
 from specdiff.adapters.qwenimage import QwenImageAdapter
 from specdiff.adapters.sd3 import SD3Adapter
+from specdiff.adapters.wan import WanAdapter
 from specdiff.engine.runtime import GenerationSummary, Runtime
 from specdiff.engine.policy import PolicyConfig
 from specdiff.policies.registry import make_policy
 from specdiff.policies.specdiff import SpecDiffConfig
 
-ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter, QwenImageAdapter)
-SUPPORTED = ("diffusers SD3Transformer2DModel (SD3, SD3.5, the embedded model), FluxTransformer2DModel (FLUX.1) "
-             "and QwenImageTransformer2DModel (Qwen-Image)")
+ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter, QwenImageAdapter, WanAdapter)
+SUPPORTED = ("diffusers SD3Transformer2DModel (SD3, SD3.5, the embedded model), FluxTransformer2DModel (FLUX.1), "
+             "QwenImageTransformer2DModel (Qwen-Image) and WanTransformer3DModel (Wan 2.1 / 2.2 text-to-video)")
 
 _STATE_ATTR = "_specdiff_state"
 # The last summary of each transformer, still readable after disable (weak: kept no longer than the model).
@@ -130,6 +131,10 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
     if cuda_graphs not in (False, True, "eager") or isinstance(cuda_graphs, (int, float)) and not isinstance(cuda_graphs, bool):
         raise ValueError(f"enable(cuda_graphs=...) must be False, True or 'eager', got {cuda_graphs!r}")
     transformer, pipeline = _transformer_of(obj)
+    if pipeline is not None and isinstance(getattr(pipeline, "transformer_2", None), torch.nn.Module):
+        raise UnsupportedModelError(
+            f"{type(pipeline).__name__} has a second transformer (transformer_2, Wan 2.2 A14B's low-noise stage), "
+            "which specdiff does not accelerate yet; supported: " + SUPPORTED)
     if cfg_batch and pipeline is not None:
         raise ValueError("enable(cfg_batch=True) is for a bare transformer; a pipeline's guidance_scale says it")
     adapter_type = _adapter_for(transformer)
@@ -382,7 +387,7 @@ def _accelerated_call(pipe, *args, **kwargs):
         with _prompts_encoded_once(pipe):
             if runtime.policy.speculative_steps > 0:
                 state.adapter.schedule.reset()
-                _speculate(pipe, base_call, arguments, runtime)
+                _speculate(pipe, base_call, arguments, runtime, state.adapter)
             state.adapter.schedule.reset()  # each pass sets its own timesteps
             result = base_call(pipe, **arguments)
         runtime.finish_generation()
@@ -429,7 +434,7 @@ def _prompts_encoded_once(pipe):
         vars(pipe).pop("encode_prompt", None)
 
 
-def _speculate(pipe, base_call, arguments: dict, runtime: Runtime) -> None:
+def _speculate(pipe, base_call, arguments: dict, runtime: Runtime, adapter: Adapter) -> None:
     import time
 
     tic = time.perf_counter()
@@ -439,14 +444,7 @@ def _speculate(pipe, base_call, arguments: dict, runtime: Runtime) -> None:
         if key in spec_args:
             spec_args[key] = None
     if not runtime.policy.speculative_cfg:
-        if runtime.cfg_groups == 2:
-            spec_args["guidance_scale"] = 1.0  # conditional rows only
-        if (spec_args.get("true_cfg_scale") or 1.0) > 1.0:
-            spec_args["true_cfg_scale"] = 1.0  # FLUX, Qwen-Image: no negative branch
-            for key in ("negative_prompt", "negative_prompt_2", "negative_prompt_embeds",
-                        "negative_prompt_embeds_mask", "negative_pooled_prompt_embeds"):
-                if spec_args.get(key) is not None:
-                    spec_args[key] = None  # else the pipeline warns that it is given and unused
+        spec_args.update(adapter.without_cfg(spec_args))
     if spec_args.get("latents") is None:
         spec_args["generator"] = _speculation_generators(pipe, arguments)
     progress = getattr(pipe, "_progress_bar_config", None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline
+from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
 
 STEPS = 8
 
@@ -16,12 +16,23 @@ def quiet(pipe):
     return pipe
 
 
+# per family, what a short test call needs besides the common arguments (video: a few frames)
+CALL_DEFAULTS = {"WanPipeline": dict(num_frames=5, max_sequence_length=16, guidance_scale=1.0)}  # one call per step
+
+
+def outputs(result):
+    """The images, or a video pipeline's frames."""
+    return result.images if hasattr(result, "images") else result.frames
+
+
 def generate(pipe, seed=0, steps=STEPS, **extra):
-    """Images (a tensor) of one generation of "a red cat" at 64 x 64 px with a seeded generator."""
+    """Images (a tensor; frames for video) of one generation of "a red cat" at 64 x 64 px, seeded."""
     arguments = dict(prompt="a red cat", num_inference_steps=steps, height=64, width=64, output_type="pt",
-                     generator=torch.Generator().manual_seed(seed))
+                     generator=torch.Generator().manual_seed(seed), **CALL_DEFAULTS.get(type(pipe).__name__, {}))
+    if type(pipe).__name__ == "WanPipeline" and "num_images_per_prompt" in extra:  # a video pipeline's name for it
+        extra = dict(extra, num_videos_per_prompt=extra.pop("num_images_per_prompt"))
     arguments.update(extra)
-    return pipe(**arguments).images
+    return outputs(pipe(**arguments))
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +48,8 @@ def flux():
 @pytest.fixture(scope="module")
 def qwenimage():
     return quiet(tiny_qwenimage_pipeline())
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return quiet(tiny_wan_pipeline())

@@ -7,7 +7,7 @@ import torch
 
 import specdiff
 from specdiff.policies.registry import make_policy
-from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline
+from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
 
 from conftest import STEPS, generate  # the shared helper; the sd3 / flux fixtures come from conftest.py
 
@@ -19,6 +19,9 @@ CASES = {
     "flux-true-cfg": (tiny_flux_pipeline, dict(guidance_scale=3.5, negative_prompt="blurry", true_cfg_scale=2.0)),
     "qwenimage-true-cfg-batch-2-non-square": (tiny_qwenimage_pipeline, dict(
         negative_prompt="blurry", true_cfg_scale=3.0, num_images_per_prompt=2, height=48, width=64)),
+    "wan-true-cfg-batch-2-non-square-9-frames": (tiny_wan_pipeline, dict(
+        negative_prompt="blurry", guidance_scale=3.0, num_videos_per_prompt=2, height=48, width=64, num_frames=9,
+        max_sequence_length=16)),
 }
 
 

@@ -11,7 +11,7 @@ import specdiff
 from specdiff.lab.evaluation.flops import _extra_mapping
 from specdiff.lab.studies import SpecDiffStudyConfig  # registers the lab's study method
 from conftest import generate as shared_generate
-from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline
+from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
 
 STEPS = 8
 ALWAYS_COMPUTE = {
@@ -39,10 +39,10 @@ def test_every_registered_method_is_covered():
     assert set(ALWAYS_COMPUTE) == set(specdiff.POLICIES)
 
 
-@pytest.fixture(scope="module", params=["sd3", "flux", "qwenimage"])
+@pytest.fixture(scope="module", params=["sd3", "flux", "qwenimage", "wan"])
 def pipe(request):
     make = {"sd3": lambda: tiny_sd3_pipeline(layers=3), "flux": lambda: tiny_flux_pipeline(single_layers=2),
-            "qwenimage": tiny_qwenimage_pipeline}[request.param]
+            "qwenimage": tiny_qwenimage_pipeline, "wan": tiny_wan_pipeline}[request.param]
     pipe = make()
     pipe.set_progress_bar_config(disable=True)
     return pipe

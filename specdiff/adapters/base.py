@@ -148,11 +148,15 @@ class _BlockHook:
             original = functools.partial(compiled, module)
         context = runtime.context
 
+        returns_text = self.adapter.blocks_return_text
+
         def block(x, c, active=None):  # `active`: ToCa runs a subset of a dense step's tokens
             extra = arguments if active is None else self.adapter.block_arguments(arguments, active)
-            return on_tokens(context, active, lambda: original(hidden_states=x, encoder_hidden_states=c, **extra))
+            out = on_tokens(context, active, lambda: original(hidden_states=x, encoder_hidden_states=c, **extra))
+            return out if returns_text else (c, out)  # a block that only reads the text leaves it as it was
 
-        return runtime.run_block(self.index, self.count, block, tokens, text)
+        text, tokens = runtime.run_block(self.index, self.count, block, tokens, text)
+        return (text, tokens) if returns_text else tokens
 
 
 class GraphsRefused(RuntimeError):
@@ -291,6 +295,7 @@ class Adapter:
     head_module = ""  # its output: the (B, N, P) per-token outputs, before un-patchifying
     position_module = ""  # optional; its output: positions applied inside attention (FLUX's RoPE), per token
     block_lists: tuple[str, ...] = ()  # block list attributes, in call order
+    blocks_return_text = True  # blocks return (text, image); False: the image stream only (cross-attention)
     timestep_scale = 1.0  # the runtime's timesteps in the 0-1000 range of the summaries
     refused_arguments: dict[str, str] = {}  # forward argument -> what specdiff does not accelerate yet
 
@@ -404,6 +409,31 @@ class Adapter:
     def _on_head(self, module, args, outputs):
         return self.runtime.end_step(outputs)
 
+    def step_hooks(self, model) -> list:
+        """The hooks that plan a step, pick its tokens and fill in the rest (their handles): by default
+        the plan at the embedding, which returns the tokens that run, the positions picked at the position
+        module, and the fill at the head. A family whose positions come before its embedding, or whose
+        embedding is not a token sequence, plans elsewhere (Wan)."""
+        handles = [model.get_submodule(self.embed_module).register_forward_hook(self._on_embed),
+                   model.get_submodule(self.head_module).register_forward_hook(self._on_head)]
+        if self.position_module:
+            handles.append(model.get_submodule(self.position_module).register_forward_hook(self._on_positions))
+        return handles
+
+    def without_cfg(self, arguments: dict) -> dict:
+        """The pipeline arguments that run a call without classifier-free guidance (the speculative pass on
+        the conditional rows): batched CFG off, or the negative branch's arguments dropped."""
+        changes = {}
+        if self.runtime.cfg_groups == 2:
+            changes["guidance_scale"] = 1.0  # conditional rows only
+        if (arguments.get("true_cfg_scale") or 1.0) > 1.0:
+            changes["true_cfg_scale"] = 1.0  # FLUX, Qwen-Image: no negative branch
+            for key in ("negative_prompt", "negative_prompt_2", "negative_prompt_embeds",
+                        "negative_prompt_embeds_mask", "negative_pooled_prompt_embeds"):
+                if arguments.get(key) is not None:
+                    changes[key] = None  # else the pipeline warns that it is given and unused
+        return changes
+
     # -- install / uninstall ---------------------------------------------------------
     def blocks(self) -> list[torch.nn.Module]:
         return [block for name in self.block_lists for block in getattr(self.model, name)]
@@ -423,11 +453,8 @@ class Adapter:
         self._handles = [
             model.register_forward_pre_hook(self._on_call, with_kwargs=True),
             model.register_forward_hook(self._after_call, always_call=True),
-            model.get_submodule(self.embed_module).register_forward_hook(self._on_embed),
-            model.get_submodule(self.head_module).register_forward_hook(self._on_head),
+            *self.step_hooks(model),
         ]
-        if self.position_module:
-            self._handles.append(model.get_submodule(self.position_module).register_forward_hook(self._on_positions))
         if self.graphs is not None:
             from diffusers.hooks import HookRegistry
 

@@ -20,13 +20,17 @@ NAMED_MODELS = {
     "tiny-sd3": "a stock StableDiffusion3Pipeline with tiny random weights (smoke runs)",
     "tiny-flux": "a stock FluxPipeline with tiny random weights (smoke runs)",
     "tiny-qwenimage": "a stock QwenImagePipeline with tiny random weights (smoke runs)",
+    "tiny-wan": "a stock WanPipeline (text-to-video) with tiny random weights (smoke runs)",
 }
-TINY = {"tiny-sd3": "tiny_sd3_pipeline", "tiny-flux": "tiny_flux_pipeline", "tiny-qwenimage": "tiny_qwenimage_pipeline"}
+TINY = {"tiny-sd3": "tiny_sd3_pipeline", "tiny-flux": "tiny_flux_pipeline", "tiny-qwenimage": "tiny_qwenimage_pipeline",
+        "tiny-wan": "tiny_wan_pipeline"}
 MODEL_HELP = "one of " + ", ".join(NAMED_MODELS) + ", or a local diffusers SD3 / SD3.5 / FLUX folder"
 
 
 def call_defaults(model: str | None) -> dict:
     """Pipeline call arguments a named model needs (the tiny pipelines' small images)."""
+    if model == "tiny-wan":
+        return dict(height=64, width=64, num_frames=5, max_sequence_length=16)
     return dict(height=64, width=64) if model in TINY else {}
 
 
@@ -69,7 +73,7 @@ def load_pipeline(model: str | None, device: str, dtype_name: str = "float32"):
         class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
     except (ValueError, AttributeError, OSError) as error:
         raise ModelLoadError(f"--model {model}: model_index.json is not a readable JSON object ({error})") from None
-    supported = ("StableDiffusion3Pipeline", "FluxPipeline")
+    supported = ("StableDiffusion3Pipeline", "FluxPipeline", "QwenImagePipeline", "WanPipeline")
     if class_name not in supported:
         raise ModelLoadError(f"--model {model}: {class_name or 'unknown'} pipeline is not supported; supported: {', '.join(supported)}")
     import diffusers

@@ -170,6 +170,25 @@ def tiny_qwenimage_pipeline(width: int = 32, layers: int = 2, heads: int = 2, se
         vae=vae, text_encoder=_qwen_text_encoder(len(tokenizer), 16), tokenizer=tokenizer, transformer=transformer))
 
 
+def tiny_wan_pipeline(width: int = 24, layers: int = 2, heads: int = 2, seed: int = 0):
+    """A WanPipeline (text-to-video) with random weights: a one-layer UMT5 text encoder, a small Wan VAE,
+    patches of 1 x 2 x 2. Classifier-free guidance is a second transformer call per step."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _t5_tokenizer()
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=width // heads,
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=2 * width,
+                                        num_layers=layers, rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2))
+    return _eval(WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)))
+
+
 def save_tiny_clip(folder) -> None:
     """A tiny random CLIPModel + CLIPProcessor saved to `folder` (for testing the CLIP score offline)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor

@@ -110,13 +110,22 @@ def bench_prompts(pipe, split: str, count: int, prompt_file: str | None = None):
     return [base[i % len(base)] + ("" if i < len(base) else f", view {i}") for i in range(count)], None
 
 
+def as_images(result) -> torch.Tensor:
+    """(B, C, H, W) images of a pipeline's output; a video's frames side by side, (B, C, H, F * W), so
+    that every metric and the grid read the whole clip."""
+    if hasattr(result, "images"):
+        return result.images
+    frames = result.frames  # (B, F, C, H, W)
+    return frames.permute(0, 2, 3, 1, 4).flatten(3)
+
+
 def generate_images(pipe, prompts, seeds, steps, extra, device):
     """One generation per prompt, each with its own seeded generator (so sharding cannot change it)."""
     generator = [torch.Generator().manual_seed(s) for s in seeds]
     if device.type == "cuda":
         torch.cuda.synchronize()
     tic = time.perf_counter()
-    images = pipe(prompt=prompts, num_inference_steps=steps, generator=generator, output_type="pt", **extra).images
+    images = as_images(pipe(prompt=prompts, num_inference_steps=steps, generator=generator, output_type="pt", **extra))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return images.float().cpu(), time.perf_counter() - tic
