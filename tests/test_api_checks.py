@@ -7,7 +7,6 @@ import copy
 import pickle
 
 import pytest
-import torch
 
 import specdiff
 from conftest import generate

@@ -33,6 +33,7 @@ import threading
 
 import torch
 
+from specdiff.engine.attention import AttentionContext, LayerKV
 from specdiff.engine.graphs import StepGraphs
 from specdiff.engine.runtime import Runtime
 from specdiff.engine.tokens import gather_tokens
@@ -110,15 +111,13 @@ def on_tokens(context, active: torch.Tensor | None, run):
         context.active = previous
 
 
-class _BlockHook:
-    """A diffusers ModelHook (duck-typed: HookRegistry needs only these members) that lets a
-    block-level policy run, reuse or extrapolate one transformer block."""
+class _ModelHook:
+    """What diffusers' HookRegistry needs of a hook (duck-typed); subclasses define new_forward."""
 
     _is_stateful = False
 
-    def __init__(self, adapter: "Adapter", index: int, count: int) -> None:
+    def __init__(self) -> None:
         self.fn_ref = None
-        self.adapter, self.index, self.count = adapter, index, count
         self.signature = None
 
     def initialize_hook(self, module):
@@ -133,6 +132,14 @@ class _BlockHook:
 
     def post_forward(self, module, output):
         return output
+
+
+class _BlockHook(_ModelHook):
+    """A diffusers ModelHook that lets a block-level policy run, reuse or extrapolate one transformer block."""
+
+    def __init__(self, adapter: "Adapter", index: int, count: int) -> None:
+        super().__init__()
+        self.adapter, self.index, self.count = adapter, index, count
 
     # Never traced, nor anything it calls: which blocks run is Python control flow over per-step state,
     # and traced it would recompile until dynamo's limit and then fall back to eager for every block.
@@ -157,6 +164,21 @@ class _BlockHook:
 
         text, tokens = runtime.run_block(self.index, self.count, block, tokens, text)
         return (text, tokens) if returns_text else tokens
+
+
+class TokenCachingProcessor:
+    """What every family's attention processor holds: the step's context, its layer's key/value slots (one
+    per branch), and where its tap queries start. diffusers re-creates processors from their class with no
+    argument when it loads an IP-Adapter: that is refused here with the fix."""
+
+    def __init__(self, context: AttentionContext | None = None, kv_slots: list[LayerKV] | None = None,
+                 layer_index: int = 0) -> None:
+        if context is None:
+            raise RuntimeError("specdiff: disable before loading an IP-Adapter (specdiff.disable(pipe), load it, then "
+                               "specdiff.enable(pipe) again); specdiff does not accelerate IP-Adapter calls yet")
+        self.context = context
+        self.kv_slots = kv_slots
+        self.tap_offset = torch.tensor(layer_index * 7919)  # where this layer's tap queries start
 
 
 class GraphsRefused(RuntimeError):
@@ -206,32 +228,16 @@ def model_fingerprint(model: torch.nn.Module) -> int:
     return hash((weights, processors, tuple(lora), tuple(compiled)))
 
 
-class _StepGraphHook:
+class _StepGraphHook(_ModelHook):
     """A diffusers ModelHook on the transformer: each real-pass call is prepared on the host, then run
     from the graph of its kind (StepGraphs), then finished on the host. The speculative pass and plain
     calls run as without graphs."""
 
-    _is_stateful = False
-
     def __init__(self, adapter: "Adapter") -> None:
-        self.fn_ref = None
+        super().__init__()
         self.adapter = adapter  # its `graphs` holds the captured graphs
-        self.signature = None
         self.generation = 0
         self.fingerprint = None
-
-    def initialize_hook(self, module):
-        self.signature = inspect.signature(module.forward)
-        return module
-
-    def deinitalize_hook(self, module):  # diffusers' spelling
-        return module
-
-    def pre_forward(self, module, *args, **kwargs):
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        return output
 
     def check_model(self, module) -> None:
         """Once per generation: refuse what moves weights per call; drop the graphs when what they

@@ -11,9 +11,9 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from specdiff.adapters.base import Adapter
+from specdiff.adapters.base import Adapter, TokenCachingProcessor
 from specdiff.engine.tokens import gather_tokens
-from specdiff.engine.attention import AttentionContext, LayerKV, joint_kv, tap_attention
+from specdiff.engine.attention import joint_kv, tap_attention
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def rope_rows(rope, text_len: int, active: torch.Tensor | None):
     )
 
 
-class FluxTokenCachingProcessor:
+class FluxTokenCachingProcessor(TokenCachingProcessor):
     """FluxAttnProcessor's math, with image keys/values read from the engine's cache.
 
     Double blocks pass image and text separately; single blocks pass the
@@ -53,14 +53,6 @@ class FluxTokenCachingProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, context: AttentionContext | None = None, kv_slots: list[LayerKV] | None = None,
-                 layer_index: int = 0) -> None:
-        if context is None:  # diffusers re-creates processors from their class when it loads an IP-Adapter
-            raise RuntimeError("specdiff: disable before loading an IP-Adapter (specdiff.disable(pipe), load it, then "
-                               "specdiff.enable(pipe) again); specdiff does not accelerate IP-Adapter calls yet")
-        self.context = context
-        self.kv_slots = kv_slots
-        self.tap_offset = torch.tensor(layer_index * 7919)  # where this layer's tap queries start
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         ctx = self.context

@@ -15,8 +15,8 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from specdiff.adapters.base import Adapter
-from specdiff.engine.attention import AttentionContext, LayerKV, joint_kv, tap_attention
+from specdiff.adapters.base import Adapter, TokenCachingProcessor
+from specdiff.engine.attention import joint_kv, tap_attention
 from specdiff.engine.tokens import gather_tokens
 
 
@@ -34,21 +34,13 @@ def image_rows(rope, active: torch.Tensor):
     return gather_tokens(image.expand(active.shape[0], -1, -1), active), text
 
 
-class QwenImageTokenCachingProcessor:
+class QwenImageTokenCachingProcessor(TokenCachingProcessor):
     """QwenDoubleStreamAttnProcessor2_0's math, with image keys/values read from the engine's cache; attention
     through diffusers' dispatcher, so `set_attention_backend` is honoured."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, context: AttentionContext | None = None, kv_slots: list[LayerKV] | None = None,
-                 layer_index: int = 0) -> None:
-        if context is None:  # diffusers re-creates processors from their class when it loads an IP-Adapter
-            raise RuntimeError("specdiff: disable before loading an IP-Adapter (specdiff.disable(pipe), load it, then "
-                               "specdiff.enable(pipe) again); specdiff does not accelerate IP-Adapter calls yet")
-        self.context = context
-        self.kv_slots = kv_slots
-        self.tap_offset = torch.tensor(layer_index * 7919)  # where this layer's tap queries start
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 
-from specdiff.adapters.base import Adapter
-from specdiff.engine.attention import AttentionContext, LayerKV, joint_kv, tap_attention
+from specdiff.adapters.base import Adapter, TokenCachingProcessor
+from specdiff.engine.attention import joint_kv, tap_attention
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -27,17 +27,9 @@ def _qkv(x, heads, projections, norms):
     return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
 
 
-class SD3TokenCachingProcessor:
+class SD3TokenCachingProcessor(TokenCachingProcessor):
     """JointAttnProcessor2_0's math, with image keys/values read from the engine's cache."""
 
-    def __init__(self, context: AttentionContext | None = None, kv_slots: list[LayerKV] | None = None,
-                 layer_index: int = 0) -> None:
-        if context is None:  # diffusers re-creates processors from their class when it loads an IP-Adapter
-            raise RuntimeError("specdiff: disable before loading an IP-Adapter (specdiff.disable(pipe), load it, then "
-                               "specdiff.enable(pipe) again); specdiff does not accelerate IP-Adapter calls yet")
-        self.context = context
-        self.kv_slots = kv_slots
-        self.tap_offset = torch.tensor(layer_index * 7919)  # where this layer's tap queries start
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         ctx = self.context

@@ -18,8 +18,8 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from specdiff.adapters.base import Adapter
-from specdiff.engine.attention import AttentionContext, LayerKV, joint_kv, tap_attention
+from specdiff.adapters.base import Adapter, TokenCachingProcessor
+from specdiff.engine.attention import joint_kv, tap_attention
 from specdiff.engine.tokens import gather_tokens
 
 
@@ -41,21 +41,15 @@ def rope_rows(rope, active: torch.Tensor):
     return tuple(gather_tokens(t.squeeze(2).expand(batch, -1, -1), active).unsqueeze(2) for t in rope)
 
 
-class WanTokenCachingProcessor:
+class WanTokenCachingProcessor(TokenCachingProcessor):
     """WanAttnProcessor's math; self-attention with the video keys / values from the engine's cache,
     cross-attention as the stock processor. Attention through diffusers' dispatcher."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, context: AttentionContext | None = None, kv_slots: list[LayerKV] | None = None,
-                 layer_index: int = 0) -> None:
-        if context is None:  # diffusers re-creates processors from their class when it loads an IP-Adapter
-            raise RuntimeError("specdiff: disable before loading an IP-Adapter (specdiff.disable(pipe), load it, then "
-                               "specdiff.enable(pipe) again); specdiff does not accelerate IP-Adapter calls yet")
-        self.context = context
-        self.kv_slots = kv_slots
-        self.tap_offset = torch.tensor(layer_index * 7919)  # where this layer's tap queries start
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.cross = WanAttnProcessor()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):

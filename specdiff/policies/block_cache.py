@@ -4,8 +4,6 @@ block adds a stored or predicted residual instead of running."""
 
 from __future__ import annotations
 
-import torch
-
 from specdiff.engine.policy import BlockCall, BlockResult, Policy
 
 

@@ -495,8 +495,6 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
         order.append(result)
         return result
 
-    from specdiff.lab.studies import POLICIES
-
     searches = []
     for name in names:
         make, knob, default_value = _make_setting(name, steps)
