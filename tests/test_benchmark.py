@@ -428,7 +428,7 @@ def test_tap_ab_compares_the_taps_with_an_earlier_commit():
 
 def test_compile_variants_counts_graphs_per_method():
     compile_variants = _load_benchmark("compile_variants")
-    result = compile_variants.main(["--family", "sd3", "--layers", "2", "--steps", "6"])
+    result = compile_variants.main(["--family", "sd3", "--layers", "1", "--steps", "5"])
     try:
         assert result["counts"]["stock"] >= 1 and result["counts"]["specdiff"] >= 1
         assert result["total"] == sum(result["counts"].values())

@@ -55,7 +55,7 @@ def test_replayed_steps_equal_the_plain_path_across_generations(pipe, method):
         graphs = emulate_graphs(pipe)
         runtime = _state_of(pipe).runtime
         outputs, addresses = [], []
-        for _ in range(3):
+        for _ in range(3):  # a kind met once per generation is captured in the second, replayed in the third
             outputs.append(_call(pipe))
             addresses.append(runtime.buffer_addresses())
         assert graphs.replays >= STEPS  # the later generations run from graphs
