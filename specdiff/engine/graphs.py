@@ -14,7 +14,6 @@ the graph path's logic, checkable without a GPU.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable, Hashable
 
 import torch
@@ -43,7 +42,6 @@ class StepGraphs:
         self._pool = None  # one memory pool shared by every graph (they never run concurrently)
         self.captures = 0
         self.replays = 0
-        self.host_seconds = 0.0  # host time outside the graphs (copies, launch), summed over calls
 
     capture_runs = False  # a CUDA capture records kernels without running them: replay once after it
 
@@ -79,7 +77,6 @@ class StepGraphs:
     def run(self, key: Hashable, inputs: dict[str, torch.Tensor], step: Callable[[dict], torch.Tensor]) -> torch.Tensor:
         """step(static inputs) -> output, for the kind `key`, from its graph when there is one. Returns a
         tensor the caller owns (the graph's output is copied out: the next replay overwrites it)."""
-        tic = time.perf_counter()
         if self.capture and self.buffers.allocations != self._allocations:
             self._check_addresses()  # the host parts allocated a buffer
         variant = self.variants.get(key)
@@ -90,7 +87,6 @@ class StepGraphs:
                 variant.inputs[name].copy_(tensor)
         variant.calls += 1
         if not self.capture or variant.calls == 1:  # eager (first call of a kind: warm-up)
-            self.host_seconds += time.perf_counter() - tic
             output = step(variant.inputs)
             if self.capture:
                 self._check_addresses(keep=key)  # it may have allocated buffers
@@ -104,6 +100,4 @@ class StepGraphs:
         else:
             variant.graph.replay()
         self.replays += 1
-        output = variant.output.clone()
-        self.host_seconds += time.perf_counter() - tic
-        return output
+        return variant.output.clone()
