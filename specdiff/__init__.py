@@ -33,6 +33,8 @@ _WHERE = {
     "enable": "specdiff.integration",
     "is_enabled": "specdiff.integration",
     "load_config": "specdiff.configs",
+    "load_tuned": "specdiff.configs",
+    "TunedSetting": "specdiff.configs",
     "save_config": "specdiff.configs",
     "tune": "specdiff.lab.evaluation.tune",
     "observe": "specdiff.integration",

@@ -70,13 +70,46 @@ def config_from_record(record: dict, where: str) -> PolicyConfig:
         raise ConfigError(f"{where}: {error}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class TunedSetting:
+    """Everything a tuned.json chose: the config for `enable` and the step count for the pipeline call
+    (a cache tuned on fewer steps, or plain fewer steps, is only as fast as tuned with both)."""
+
+    config: PolicyConfig
+    num_inference_steps: int | None  # None: the file does not say (a config saved without it)
+    model: str | None = None  # what it was tuned on, as the file records it
+    reference_steps: int | None = None  # the model's own step count the speed-up was measured against
+
+
+def load_tuned(path) -> TunedSetting:
+    """The whole setting saved by `specdiff tune` or `save_config`:
+
+        tuned = specdiff.load_tuned("tuned.json")
+        specdiff.enable(pipe, tuned.config)
+        pipe(prompt, num_inference_steps=tuned.num_inference_steps)
+    """
+    record = read_tuned(path)
+    model = record.get("model")
+    reference = record.get("steps")
+    return TunedSetting(config_from_record(record, str(path)), record.get("num_inference_steps"),
+                        model if isinstance(model, str) else None,
+                        reference if isinstance(reference, int) and not isinstance(reference, bool) else None)
+
+
 def load_config(path) -> PolicyConfig:
     """The config saved by `specdiff tune` (tuned.json), as the config object to pass to `enable`.
 
-    When the pick is full compute with fewer steps, this is FullComputeConfig() and tuned.json's
-    num_inference_steps is the part that matters (`specdiff generate --config` applies it)."""
-    record = read_tuned(path)
-    return config_from_record(record, str(path))
+    The file's step count is not part of a config: when it differs from the model's own (plain fewer
+    steps, or a cache tuned on fewer steps) a warning says so; `load_tuned` returns both."""
+    tuned = load_tuned(path)
+    if tuned.num_inference_steps is not None and tuned.num_inference_steps != tuned.reference_steps:
+        import warnings
+
+        warnings.warn(f"{path}: the tuned setting runs {tuned.num_inference_steps} steps"
+                      + (f" (the model's own: {tuned.reference_steps})" if tuned.reference_steps else "")
+                      + f"; pass num_inference_steps={tuned.num_inference_steps} to the pipeline, or use "
+                      "specdiff.load_tuned, which returns the config and the step count", stacklevel=2)
+    return tuned.config
 
 
 def read_tuned(path) -> dict:

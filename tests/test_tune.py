@@ -96,7 +96,8 @@ def test_tuned_json_round_trip_for_every_registered_config(tmp_path, name):
             changed[field.name] = (3, 7)
     for config in (config_type(), config_type(**changed)):
         save_config(config, tmp_path / "tuned.json", num_inference_steps=20)
-        loaded = load_config(tmp_path / "tuned.json")
+        with pytest.warns(UserWarning, match="runs 20 steps"):  # the step count is not in the config
+            loaded = load_config(tmp_path / "tuned.json")
         assert type(loaded) is config_type and loaded == config
 
 
@@ -174,10 +175,36 @@ def test_tiny_end_to_end_tune_writes_a_config_that_loads_and_verifies(tiny_sd3, 
     assert chosen["holds"] == (chosen["verification_score"] >= 25)
     # the pick is at least as fast (FLOPs, calibration) as every passing setting tried
     assert chosen["calibration_speedup_flops"] >= max(t["speedup_flops"] for t in result.tried if t["meets"]) - 1e-9
-    config = load_config(tmp_path / "tuned.json")
-    assert config == result.config
-    assert saved["num_inference_steps"] == result.steps
+    import specdiff
+
+    tuned = specdiff.load_tuned(tmp_path / "tuned.json")
+    assert tuned.config == result.config and tuned.num_inference_steps == result.steps == saved["num_inference_steps"]
+    assert tuned.reference_steps == 6
     assert len(result.tried) >= 3 and any(r["role"] == "default" or "default" in r["role"] for r in result.comparison)
+    # the search is joint: FORA was searched on 6 and on 3 steps (the default axis), its warm-up scaled
+    assert saved["steps_axis"] == [6, 3]
+    on_three = [r for r in result.tried if r["method"] == "fora" and r["num_inference_steps"] == 3]
+    assert on_three and all(r["label"].endswith("steps=3") for r in on_three)
+    assert all(r["config"] == {"interval": int(r["label"].split("interval=")[1].split(",")[0])} if "interval=" in
+               r["label"] else r["config"] == {"interval": 3} for r in on_three)
+
+
+def test_a_method_searched_on_fewer_steps_has_its_schedule_scaled():
+    from specdiff.lab.evaluation.tune import _make_setting
+
+    make, knob, default = _make_setting("specdiff", 14, 28)
+    setting = make(0.8, {})
+    assert setting.config.warmup_steps == 2 and setting.config.cache_ratio == 0.8  # 4 of 28 -> 2 of 14
+    assert setting.label == "specdiff:cache_ratio=0.8,steps=14"
+    # a secondary value is written for the model's steps and scaled with the rest: warm-up 6 of 28 -> 3 of 14
+    assert make(0.8, {"warmup_steps": 6}).config.warmup_steps == 3
+    assert make(0.8, {"warmup_steps": 6}).label == "specdiff:warmup_steps=3,cache_ratio=0.8,steps=14"
+    assert _make_setting("specdiff", 28, 28)[0](0.8, {}).label == "specdiff:cache_ratio=0.8"
+    # the label reads back in bench as the same config
+    from specdiff.lab.evaluation.methods import parse_method
+
+    spec = parse_method(make(0.8, {"warmup_steps": 6}).label)
+    assert spec.config == make(0.8, {"warmup_steps": 6}).config and spec.steps == 14
 
 
 def test_generate_uses_a_tuned_file_and_refuses_mixed_options(tmp_path, capsys):
@@ -258,3 +285,91 @@ def test_a_tune_with_no_holding_setting_writes_nothing_to_load(tmp_path):
     path.write_text(json.dumps(record))
     with pytest.raises(ConfigError, match="no setting that met"):
         load_config(path)
+
+
+def test_tune_chooses_a_cache_on_fewer_steps_when_it_is_the_fastest_that_holds(monkeypatch, tiny_sd3):
+    """Planted quality: plain fewer steps meets psnr>=25 down to 15 of 28 steps (1.87x); FORA on 28 steps
+    up to interval 3 (3x); FORA on 14 steps up to interval 4 (8x). The joint search finds the last and
+    the verification keeps it."""
+    import torch
+
+    from specdiff.lab.evaluation import tune as tune_module
+
+    def planted(setting):  # (PSNR against full compute, FLOPs as a share of full compute's)
+        if setting.config is None:
+            return 10.0 + setting.steps, setting.steps / 28
+        interval = setting.config.interval
+        if setting.steps == 28:
+            return 40.0 - 4 * interval, 1 / interval
+        return 38.0 - 3 * interval, 1 / (2 * interval)
+
+    def images(setting, count):
+        quality, _ = planted(setting)
+        offset = 0.0 if setting.config is None and setting.steps == 28 else 10 ** (-quality / 20)
+        return torch.full((count, 3, 8, 8), 0.5 + offset)
+
+    def run(self, setting, prompts, first_index, count_flops=True):
+        return images(setting, len(prompts)), int(1e9 * planted(setting)[1]), 0.001 * len(prompts)
+
+    def timed(self, setting, prompt, index):
+        return images(setting, 1), 0.001 * planted(setting)[1]
+
+    monkeypatch.setattr(tune_module._Runner, "run", run)
+    monkeypatch.setattr(tune_module._Runner, "timed", timed)
+    result = tune(tiny_sd3, PROMPTS, "psnr>=25", calibration=2, verify=2, steps=28, methods=["fora", FEWER_STEPS],
+                  margin=0.0, progress=False, steps_axis=[28, 14])
+    assert result.chosen["label"] == "fora:interval=4,steps=14" and result.chosen["holds"]
+    assert result.steps == 14 and result.config.interval == 4
+    labels = {r["label"] for r in result.comparison}
+    assert {"fora", "full:steps=15", "fora:interval=4,steps=14"} <= labels  # default, plain steps, joint
+    front = tune_module.joint_front(result.tried)
+    assert front[-1]["speedup_flops"] >= 8 - 1e-6 and "steps=14" in front[-1]["label"]
+    # with the caches searched on 28 steps only, the same search picks FORA interval 3
+    only = tune(tiny_sd3, PROMPTS, "psnr>=25", calibration=2, verify=2, steps=28, methods=["fora", FEWER_STEPS],
+                margin=0.0, progress=False, steps_axis="none")
+    assert only.chosen["label"] == "fora" and only.config.interval == 3 and only.steps == 28
+
+
+def test_steps_axis_is_parsed_and_bad_ones_are_named():
+    from specdiff.lab.evaluation.tune import parse_steps_axis
+
+    assert parse_steps_axis(None, 28) == [28, 14] and parse_steps_axis("none", 28) == [28]
+    assert parse_steps_axis("10, 28,10", 28) == [28, 10]
+    for bad in ("", "abc", "1", "29", "14;7"):
+        with pytest.raises(ConfigError, match="--steps-axis"):
+            parse_steps_axis(bad, 28)
+
+
+def test_a_loaded_tuned_setting_carries_its_step_count(tmp_path):
+    """A tuned "7 plain steps" loads with its step count (load_tuned), and load_config says that the
+    step count is not in the config it returns."""
+    import specdiff
+    from specdiff.policies.full import FullComputeConfig
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"format": "specdiff-tuned/1", "method": "full", "config": {}, "num_inference_steps": 7,
+                                "steps": 28, "model": "embedded", "met": True}))
+    tuned = specdiff.load_tuned(path)
+    assert tuned == specdiff.TunedSetting(FullComputeConfig(), 7, "embedded", 28)
+    with pytest.warns(UserWarning, match="runs 7 steps \\(the model's own: 28\\); pass num_inference_steps=7"):
+        assert specdiff.load_config(path) == FullComputeConfig()
+
+
+def test_compare_runs_full_compute_at_the_models_steps_and_the_tuned_setting_at_its_own(tmp_path, capsys):
+    """A tuned "3 plain steps of 6": --compare times full compute on 6 steps against 3, so the speed-up
+    and PSNR are those of fewer steps (before: both ran 3 steps, 1.0x and PSNR inf)."""
+    import re
+
+    from specdiff.lab.cli import main
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"format": "specdiff-tuned/1", "method": "full", "config": {}, "num_inference_steps": 3,
+                                "steps": 6, "model": "embedded", "met": True}))
+    code = main(["generate", "a large red circle at the top left on a white background", "--config", str(path),
+                 "--compare", "--repeats", "1", "--out", str(tmp_path / "out"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"full compute : .*\(6 steps\)", out) and re.search(r"\n\w+\s*: .*\(3 steps", out)
+    psnr = float(re.search(r"PSNR ([0-9.]+|inf) dB", out).group(1))
+    assert psnr < 60  # two different step counts: not the same image
+    assert "speculation" not in out  # full compute never speculates

@@ -101,6 +101,7 @@ def _config_from_args(args):
     --method and the per-field options."""
     if args.config is None:
         args.steps = 28 if args.steps is None else args.steps
+        args.reference_steps = args.steps
         return _build_config(args)
     from specdiff.engine.policy import ConfigError
     from specdiff.lab.evaluation.tune import config_from_record, read_tuned
@@ -118,8 +119,13 @@ def _config_from_args(args):
     if isinstance(tuned_for, str) and tuned_for != args.model:
         print(f"specdiff: warning: {args.config} was tuned on --model {tuned_for}, not {args.model}: its verification "
               "figures do not carry over to this model (tune it here to know)", file=sys.stderr)
-    if args.steps is None:
-        args.steps = record.get("num_inference_steps") or 28
+    reference = record.get("steps")
+    reference = reference if isinstance(reference, int) and not isinstance(reference, bool) and reference > 0 else 28
+    if args.steps is None:  # the tuned setting's own step count; full compute at the model's
+        args.steps = record.get("num_inference_steps") or reference
+        args.reference_steps = reference
+    else:  # the user's step count for both
+        args.reference_steps = args.steps
     return config
 
 
@@ -134,10 +140,10 @@ def load_pipeline(model: str | None, device: str, dtype_name: str):
         raise CLIError(str(error)) from None
 
 
-def _generate(pipe, args, seed: int):
+def _generate(pipe, args, seed: int, steps: int | None = None):
     import torch
 
-    kwargs = dict(prompt=args.prompt, num_inference_steps=args.steps, output_type="pt")
+    kwargs = dict(prompt=args.prompt, num_inference_steps=steps or args.steps, output_type="pt")
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
     if args.height:
@@ -304,7 +310,7 @@ def cmd_generate(args) -> int:
     times = {"full": [], "accelerated": []}
     images = {}
     for _ in range(args.repeats):  # interleaved pairs: each ratio compares runs made moments apart
-        images["full"], seconds = _generate(pipe, args, args.seed)
+        images["full"], seconds = _generate(pipe, args, args.seed, args.reference_steps)
         times["full"].append(seconds)
         with specdiff.accelerated(pipe, config) as last_summary:
             images["accelerated"], seconds = _generate(pipe, args, args.seed)
@@ -321,9 +327,14 @@ def cmd_generate(args) -> int:
               f"{method} {statistics.median(times['accelerated']):.2f} s, PSNR {quality_psnr:.1f} dB")
     _labelled_pair(images["full"], images["accelerated"], labels, scale).save(out / "side_by_side.png")
     saved.append(out / "side_by_side.png")
-    print(f"full compute : {_spread(times['full'])} s / image over {args.repeats} runs")
-    print(f"{method:<13}: {_spread(times['accelerated'])} s / image (last run: speculation "
-          f"{summary.speculation_seconds:.3f} s, scoring {summary.scoring_seconds:.3f} s)")
+    print(f"full compute : {_spread(times['full'])} s / image over {args.repeats} runs "
+          f"({args.reference_steps} steps)")
+    parts = [f"{args.steps} steps"]
+    if getattr(config, "speculative_steps", 0):
+        parts.append(f"last run: speculation {summary.speculation_seconds:.3f} s")
+    if summary is not None and summary.scoring_seconds:
+        parts.append(f"scoring {summary.scoring_seconds:.3f} s")
+    print(f"{method:<13}: {_spread(times['accelerated'])} s / image ({', '.join(parts)})")
     print(f"speed-up     : {statistics.median(ratios):.2f}x wall-clock, the median of the {args.repeats} per-run "
           f"ratios full / {method} ({', '.join(f'{r:.2f}' for r in ratios)})")
     if max(ratios) > 1.25 * min(ratios):
@@ -396,6 +407,12 @@ def cmd_tune(args) -> int:
     for name in args.methods or []:
         if name not in known:
             raise CLIError(f"--methods: unknown method {name!r}; choose from {', '.join(known)} (full = fewer steps)")
+    from specdiff.lab.evaluation.tune import parse_steps_axis
+
+    try:
+        steps_axis = parse_steps_axis(args.steps_axis, args.steps)
+    except ConfigError as error:
+        raise CLIError(str(error)) from None
     need = args.calibration + args.verify
     prompts = None
     if args.prompts is None and args.model not in ("embedded", "embedded-v2"):
@@ -428,7 +445,7 @@ def cmd_tune(args) -> int:
         result = tune(pipe, prompts, target, calibration=args.calibration, verify=args.verify,
                       budget_minutes=args.budget, methods=args.methods, steps=args.steps, seed=args.seed, out=out,
                       clip=clip, margin=args.margin, rank=args.rank, batch_size=args.batch_size,
-                      pipeline_kwargs=extra, model_name=args.model)
+                      pipeline_kwargs=extra, model_name=args.model, steps_axis=steps_axis)
     except (ConfigError, QualityModelMissing, ModelLoadError) as error:
         raise CLIError(str(error)) from None
     print(summary_markdown(result))
@@ -440,8 +457,10 @@ def cmd_tune(args) -> int:
     if result.chosen is None:
         print(f"tune: no setting met {target.text!r} on the calibration prompts (best per method above)", file=sys.stderr)
         return 1
-    print(f"tune: use it with `specdiff generate --config {out / 'tuned.json'} PROMPT` or "
-          f"specdiff.enable(pipe, specdiff.load_config({str(out / 'tuned.json')!r}))")
+    path = str(out / "tuned.json")
+    print(f"tune: use it with `specdiff generate --config {path} PROMPT`, or in Python: tuned = "
+          f"specdiff.load_tuned({path!r}); specdiff.enable(pipe, tuned.config); "
+          f"pipe(prompt, num_inference_steps=tuned.num_inference_steps)  # {result.steps} steps")
     return 0
 
 

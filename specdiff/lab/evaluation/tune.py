@@ -3,10 +3,13 @@
     specdiff tune --target "psnr>=30" --budget 20
     specdiff tune --model /models/sd3-medium --prompts prompts.txt --target "ssim>=0.85"
 
-Every method has one main speed knob (`PolicyConfig.speed_knob`; fewer steps for full compute) along
-which quality falls roughly monotonically. The tuner evaluates each method's default, then bisects
-the knob to the fastest value that still meets the target on the calibration prompts, then tries the
-method's secondary fields (`tuning_alternatives`) at and just past that point. Search speed is the
+Every method has one main speed knob (KNOBS; fewer steps for full compute) along which quality
+falls roughly monotonically. The tuner evaluates each method's default, then bisects the knob to the
+fastest value that still meets the target on the calibration prompts, then tries the method's
+secondary fields at and just past that point. The search is joint in the step count: each cache is
+searched at every count of the steps axis (default: the model's steps and half of them), its
+schedule scaled to that count (`scale_schedule`), beside plain fewer steps, so that a cache on
+fewer steps is chosen when it is the fastest setting that holds. Search speed is the
 FLOPs ratio (deterministic, cheap to count); the finalists (each method's fastest passing setting and
 its default) are then timed interleaved with full compute, one prompt at a time, on prompts the search
 never saw, and the chosen setting is reported with its verification figures, never its calibration score.
@@ -111,13 +114,19 @@ class Setting:
     config: PolicyConfig | None
     steps: int
 
+    reference_steps: int | None = None  # the model's own step count (None: the same as steps)
+
     @property
     def label(self) -> str:
+        """As `specdiff bench --methods` reads it: the fields that differ from the method's default
+        (scaled to this step count), then steps=N when the method runs fewer steps than the model."""
         if self.config is None:
             return f"{FEWER_STEPS}:steps={self.steps}"
-        default = type(self.config)()
+        fewer = self.reference_steps is not None and self.steps != self.reference_steps
+        default = _scaled(type(self.config)(), self.steps, self.reference_steps) if fewer else type(self.config)()
         changed = [f"{f.name}={_show(getattr(self.config, f.name))}" for f in dataclasses.fields(self.config)
                    if getattr(self.config, f.name) != getattr(default, f.name)]
+        changed += [f"steps={self.steps}"] * fewer
         return self.method + (":" + ",".join(changed) if changed else "")
 
     def fields(self) -> dict:
@@ -275,8 +284,20 @@ class _KnobSearch:
         return settings
 
 
-def _make_setting(method: str, steps: int) -> tuple[Callable[[float, dict], Setting], SpeedKnob, object]:
-    """(make(knob value, other fields) -> Setting, the knob, the default knob value or None)."""
+def _scaled(config: PolicyConfig, steps: int, reference_steps: int | None) -> PolicyConfig:
+    """`config` (its schedule written for the model's step count) for a run of `steps` steps."""
+    from specdiff.lab.evaluation.methods import scale_schedule
+
+    if reference_steps is None or steps == reference_steps:
+        return config
+    return scale_schedule(config, steps, reference=reference_steps)
+
+
+def _make_setting(method: str, steps: int, reference_steps: int | None = None
+                  ) -> tuple[Callable[[float, dict], Setting], SpeedKnob, object]:
+    """(make(knob value, other fields) -> Setting, the knob, the default knob value or None). A method
+    searched at fewer steps than the model's (`reference_steps`) has its schedule scaled to them,
+    the secondary fields' values included (they are written for the model's step count)."""
     from specdiff.lab.studies import POLICIES
 
     if method == FEWER_STEPS:
@@ -288,9 +309,26 @@ def _make_setting(method: str, steps: int) -> tuple[Callable[[float, dict], Sett
         raise ConfigError(f"--methods: {method} has no speed setting to tune")
 
     def make(value, extra):
-        return Setting(method, config_type(**{knob.field: value, **extra}), steps)
+        config = _scaled(config_type(**{knob.field: value, **extra}), steps, reference_steps)
+        return Setting(method, config, steps, reference_steps)
 
     return make, knob, getattr(config_type(), knob.field)
+
+
+def parse_steps_axis(text: str | None, steps: int) -> list[int]:
+    """--steps-axis: step counts at which every cache is searched, e.g. "28,14" (default: the model's
+    steps and half of them; "none": the model's steps only). Fewer steps alone is searched anyway."""
+    if text is None:
+        return sorted({steps, max(2, round(steps / 2))}, reverse=True)
+    if text.strip().lower() == "none":
+        return [steps]
+    counts = []
+    for item in text.replace(" ", "").split(","):
+        if not item.isdigit() or not 2 <= int(item) <= steps:
+            raise ConfigError(f"--steps-axis {text!r}: give step counts from 2 to --steps {steps} separated by "
+                              "commas, e.g. 28,14, or none")
+        counts.append(int(item))
+    return sorted(set(counts), reverse=True)
 
 
 def tunable_methods() -> list[str]:
@@ -385,9 +423,11 @@ class _Runner:
 def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=30", *, calibration: int = 8,
          verify: int = 16, budget_minutes: float = 20.0, methods: list[str] | None = None, steps: int = 28,
          seed: int = 0, out=None, clip=None, margin: float | str = "auto", rank: str = "flops", batch_size: int = 8,
-         pipeline_kwargs: dict | None = None, model_name: str | None = None, progress: bool = True) -> TuneResult:
+         pipeline_kwargs: dict | None = None, model_name: str | None = None, progress: bool = True,
+         steps_axis: list[int] | str | None = None) -> TuneResult:
     """Find the fastest setting that meets `target` on `calibration` prompts, then verify it on the
-    next `verify` prompts. `prompts` needs calibration + verify entries (None: the embedded model's
+    next `verify` prompts. `steps_axis`: the step counts each cache is searched at (parse_steps_axis;
+    default `steps` and half of them). `prompts` needs calibration + verify entries (None: the embedded model's
     held-out scenes). `clip` is a ClipScorer for clip targets. With `out`, writes tuned.json,
     summary.md and pareto.png there (tuned.json last; an interrupted run leaves none)."""
     from specdiff.lab.embedded.pipeline import ScenePipeline
@@ -408,6 +448,10 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
         raise ConfigError(f"--budget must be a positive number of minutes, got {budget_minutes!r}")
     if margin != "auto" and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin)):
         raise ConfigError(f"--margin must be auto or a number in the metric's units, got {margin!r}")
+    axis = parse_steps_axis(steps_axis, steps) if not isinstance(steps_axis, list) else steps_axis
+    if any(isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= steps for n in axis) or not axis:
+        raise ConfigError(f"--steps-axis {steps_axis!r}: step counts from 2 to --steps {steps}")
+    axis = sorted(set(axis), reverse=True)
     if rank not in ("flops", "wallclock"):
         raise ConfigError(f"--rank must be flops or wallclock, got {rank!r}")
     if target.metric == "clip" and clip is None:
@@ -460,22 +504,28 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
     _, one_prompt = runner.timed(full, verify_prompts[0], calibration)
     # each verified setting: every verification prompt timed alone; accelerated ones take about 0.6 of full's time
     verify_estimate = one_prompt * len(verify_prompts) * (1 + 0.6 * 2 * len(names))
-    minimum = time.perf_counter() - started + full_seconds * len(names) + verify_estimate
+    searched = [(name, count) for count in axis for name in names if name != FEWER_STEPS]
+    searched += [(FEWER_STEPS, steps)] * (FEWER_STEPS in names)
+    minimum = time.perf_counter() - started + full_seconds * len(searched) + verify_estimate
     budget = budget_minutes * 60
     if minimum > budget:
         raise ConfigError(f"--budget {budget_minutes:g} minutes is too small for one evaluation of each of the "
-                          f"{len(names)} methods and the verification (about {minimum / 60:.1f} minutes on this "
-                          f"machine); give --budget {math.ceil(minimum / 60 * 1.5)} or fewer --methods")
+                          f"{len(searched)} searches ({len(names)} methods, steps axis {','.join(map(str, axis))}) and "
+                          f"the verification (about {minimum / 60:.1f} minutes on this machine); give --budget "
+                          f"{math.ceil(minimum / 60 * 1.5)}, fewer --methods or a shorter --steps-axis")
     batch_one_factor = one_prompt * len(calib_prompts) / full_seconds  # one prompt per call vs batched
 
     def verification_seconds() -> float:
         """The verification of today's finalists, from their calibration times: each prompt timed alone,
-        then one batched pass counting FLOPs, for full compute and (per method) its default and its best."""
+        then one batched pass counting FLOPs, for full compute and (per method and step count) its default
+        and its best."""
         seconds = full_seconds
-        for name in names:  # its default and its fastest passing setting so far, if they met the target
-            mine = [e for e in order if e.setting.method == name and e.meets]
+        for name, count in searched:  # its default and its fastest passing setting so far, if they met the target
+            mine = [e for e in order if e.setting.method == name and e.meets
+                    and (name == FEWER_STEPS or e.setting.steps == count)]
             default = _default_setting(name, steps)
-            seconds += sum(e.seconds for e in mine if default is not None and e.setting.label == default.label)
+            seconds += sum(e.seconds for e in mine if count == steps and default is not None
+                           and e.setting.label == default.label)
             seconds += min((e.seconds for e in mine), default=0.0)
         return seconds * len(verify_prompts) / len(calib_prompts) * batch_one_factor
 
@@ -496,8 +546,8 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
         return result
 
     searches = []
-    for name in names:
-        make, knob, default_value = _make_setting(name, steps)
+    for name, count in searched:
+        make, knob, default_value = _make_setting(name, count if name != FEWER_STEPS else steps, steps)
         position = None
         if default_value is not None:
             position = (default_value - knob.slowest) / (knob.fastest - knob.slowest)
@@ -529,15 +579,16 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
             break
     bar.close()
 
-    # Finalists: per method its fastest passing setting, and its default (the comparison the user needs).
+    # Finalists: per method and step count its fastest passing setting, and the method's default (the
+    # comparison the user needs).
     finalists: list[tuple[Evaluation, str]] = []
-    for name in names:
-        mine = [e for e in order if e.setting.method == name]
+    for name, count in searched:
+        mine = [e for e in order if e.setting.method == name and (name == FEWER_STEPS or e.setting.steps == count)]
         passing = [e for e in mine if e.meets]
         if passing:
             finalists.append((max(passing, key=lambda e: e.speedup_flops), "tuned"))
         default = _default_setting(name, steps)
-        if default is not None and default.label in evaluations:
+        if count == steps and default is not None and default.label in evaluations:
             entry = evaluations[default.label]
             if not any(f is entry for f, _ in finalists):
                 finalists.append((entry, "default"))
@@ -552,7 +603,7 @@ def tune(pipe, prompts: list[str] | None = None, target: str | Target = "psnr>=3
         "model": model_name or type(pipe).__name__, "library_version": __version__, "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "steps": steps, "seed": seed, "calibration_prompts": calibration, "verification_prompts": verify,
-        "methods": names, "budget_minutes": budget_minutes, "margin": margin,
+        "methods": names, "steps_axis": axis, "budget_minutes": budget_minutes, "margin": margin,
         "speed_used_to_choose": ("FLOPs ratio on the calibration prompts" if rank == "flops"
                                  else "median wall-clock ratio on the verification prompts"),
         "search_stopped_by_budget": out_of_time,
@@ -655,7 +706,9 @@ def summary_markdown(result: TuneResult) -> str:
                  f"other prompts, each timed alone, interleaved with full compute; 95 % intervals by bootstrap "
                  f"over prompts. A setting meets the target when its calibration mean clears it by "
                  f"{('one standard error' + (' of its difference to full compute' if t.relative else '')) if m['margin'] == 'auto' else m['margin']}. "
-                 f"Chosen by: {m['speed_used_to_choose']}.")
+                 f"Chosen by: {m['speed_used_to_choose']}. Caches searched at "
+                 f"{', '.join(map(str, m.get('steps_axis', [m['steps']])))} steps (schedules scaled to each count), "
+                 "beside plain fewer steps.")
     lines.append("")
     if result.chosen is None and result.closest is not None:
         c = result.closest
@@ -703,9 +756,24 @@ def summary_markdown(result: TuneResult) -> str:
                      f"{'yes' if r['holds'] else 'no'} | {r['speedup_flops']:.2f}x | "
                      f"{r['speedup_wallclock_median']:.2f}x ({wlo:.2f}-{whi:.2f}) |")
     lines.append("")
+    front = joint_front(result.tried)
+    if front:
+        lines.append("The front on the calibration prompts (no other setting tried is both faster in FLOPs and "
+                     "better): " + "; ".join(f"`{r['label']}` {r['speedup_flops']:.2f}x, {r['calibration_score']:.3f}"
+                                            for r in front) + ".")
+        lines.append("")
     lines.append(f"{len(result.tried)} settings tried in {m['elapsed_minutes']:.1f} minutes"
                  + (" (the search stopped at the budget)" if m["search_stopped_by_budget"] else "") + "; all in tuned.json.")
     return "\n".join(lines) + "\n"
+
+
+def joint_front(tried: list[dict]) -> list[dict]:
+    """The settings tried that no other beats on both FLOPs ratio and calibration score, fastest last."""
+    front = [r for r in tried if not any(
+        o["speedup_flops"] >= r["speedup_flops"] and o["calibration_score"] >= r["calibration_score"]
+        and (o["speedup_flops"] > r["speedup_flops"] or o["calibration_score"] > r["calibration_score"])
+        for o in tried)]
+    return sorted(front, key=lambda r: r["speedup_flops"])
 
 
 def pareto_figure(result: TuneResult, path: Path) -> None:
@@ -716,10 +784,19 @@ def pareto_figure(result: TuneResult, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.8))
     methods = sorted({r["method"] for r in result.tried})
+    model_steps = result.meta.get("steps")
+    markers = "o^sDv<>"
+    counts = sorted({r["num_inference_steps"] for r in result.tried if r["method"] != FEWER_STEPS}, reverse=True)
     for i, method in enumerate(methods):
-        rows = [r for r in result.tried if r["method"] == method]
-        ax.scatter([r["speedup_flops"] for r in rows], [r["calibration_score"] for r in rows], s=22,
-                   color=f"C{i % 10}", label=method)
+        for k, count in enumerate(counts if method != FEWER_STEPS else [None]):
+            rows = [r for r in result.tried if r["method"] == method and count in (None, r["num_inference_steps"])]
+            if rows:
+                label = method if count in (None, model_steps) else f"{method} on {count} steps"
+                ax.scatter([r["speedup_flops"] for r in rows], [r["calibration_score"] for r in rows], s=22,
+                           color=f"C{i % 10}", marker=markers[k % len(markers)], label=label)
+    front = joint_front(result.tried)
+    ax.plot([r["speedup_flops"] for r in front], [r["calibration_score"] for r in front], color="black",
+            linewidth=0.8, alpha=0.6, label="front")
     if result.chosen is not None:
         c = result.chosen
         ax.scatter([c["calibration_speedup_flops"]], [c["calibration_score"]], marker="*", s=260, color="black",
