@@ -338,6 +338,80 @@ def test_weights_checks_have_no_gaps(model_copy, damage, message):
         load_scene_pipeline(model_copy)
 
 
+def _write_pickle_as_safetensors(folder):
+    torch.save({"weight": torch.zeros(2)}, folder / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def _write_json(path, value):
+    path.write_text(value if isinstance(value, str) else __import__("json").dumps(value))
+
+
+def _scheduler_shift(folder, shift):
+    import json
+
+    path = folder / "scheduler" / "scheduler_config.json"
+    _write_json(path, {**json.loads(path.read_text()), "shift": shift})
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_write_pickle_as_safetensors, "cannot be loaded"),
+    (lambda f: _write_json(f / "transformer" / "config.json", "not json {"), "not a readable JSON file"),
+    (lambda f: _write_json(f / "transformer" / "config.json", {"_class_name": "FluxTransformer2DModel", "num_layers": 1}),
+     "FluxTransformer2DModel"),
+    (lambda f: _scheduler_shift(f, "abc"), "shift must be a positive number"),
+    (lambda f: _write_json(f / "scene_style.json", "[1, 2]"), "JSON object"),
+    (lambda f: _write_json(f / "scene_style.json", {"style": "v9"}), "scene style must be one of"),
+], ids=["pickle-as-safetensors", "config-not-json", "flux-config", "shift-abc", "style-not-object", "style-unknown"])
+def test_a_scene_folder_damaged_consistently_with_its_checksums_is_one_line(model_copy, tmp_path, capsys, damage,
+                                                                             message):
+    """Checksums rewritten after the damage, so only the loader's own checks can catch it."""
+    from specdiff.lab.cli import main
+    from specdiff.lab.embedded.pipeline import write_checksums
+
+    damage(model_copy)
+    write_checksums(model_copy)
+    for command in (["generate", "x"], ["bench", "--num-prompts", "1"]):
+        assert main(command + ["--model", str(model_copy), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("specdiff: error:") and "\n" not in err and message in err, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_os_access_calls_writable_but_is_not_is_refused_first(tmp_path, capsys):
+    """/sys accepts os.access(W_OK) from root and refuses every new file: refused before any work."""
+    import os
+
+    from specdiff.lab.cli import main
+
+    target = "/sys/specdiff-out"
+    if not os.path.isdir("/sys") or os.path.exists(target):
+        pytest.skip("needs a /sys without specdiff-out")
+    for command in (["generate", "x", "--steps", "2"], ["bench", "--num-prompts", "1"],
+                    ["tune", "--target", "psnr>=20"]):
+        assert main(command + ["--out", target]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("specdiff: error: --out /sys/specdiff-out: cannot write there") and "\n" not in err
+
+
+def test_a_clip_model_in_pickle_form_is_refused_in_one_line(tmp_path, capsys):
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    from specdiff.lab.cli import main
+
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=CLIPTextConfig(vocab_size=100, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                                   **small).to_dict(),
+                        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, **small).to_dict(), projection_dim=16)
+    folder = tmp_path / "clip"
+    CLIPModel(config).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"anything": __import__("datetime").date(2026, 1, 1)}, folder / "pytorch_model.bin")  # not weights-only
+    assert main(["bench", "--num-prompts", "1", "--clip-model", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("specdiff: error: --clip-model") and "pickle" in err[-1]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_linked_or_special_model_file_is_refused_before_reading(model_copy, tmp_path):
     from specdiff.lab.embedded.pipeline import CorruptModelError, load_scene_pipeline
 

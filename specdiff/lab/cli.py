@@ -180,6 +180,15 @@ def check_output_folder(path: str, option: str = "--out") -> Path:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise CLIError(f"{option} {out}: cannot write there ({existing} is not a writable folder)")
+    # os.access answers yes for root where writing still fails (a read-only mount, /sys): try it
+    import tempfile
+
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".specdiff-write-check-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise CLIError(f"{option} {out}: cannot write there ({existing}: {error.strerror})") from None
     return out
 
 

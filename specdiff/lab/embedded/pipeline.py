@@ -185,14 +185,43 @@ def load_scene_pipeline(folder: str | Path | None = None, dtype: torch.dtype = t
     folder = Path(folder) if folder is not None else WEIGHTS_DIR
     if verify:
         verify_model_folder(folder)
-    transformer = SD3Transformer2DModel.from_pretrained(
-        folder / "transformer", use_safetensors=True, local_files_only=True, torch_dtype=dtype
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
-    style_file = folder / STYLE_FILE
-    style = json.loads(style_file.read_text())["style"] if style_file.exists() else V1.name
-    pipe = ScenePipeline(transformer=transformer.eval(), scheduler=scheduler, style=get_style(style).name)
-    return pipe
+    # Checksums prove the files are the listed ones, not that they are a scene model: check what each
+    # file must hold before diffusers reads it, and name the file when it cannot be read.
+    config = _json_object(folder / "transformer" / "config.json")
+    if config.get("_class_name") != "SD3Transformer2DModel":
+        raise CorruptModelError(f"{folder / 'transformer' / 'config.json'} describes {config.get('_class_name')!r}; "
+                                "a scene model's transformer is an SD3Transformer2DModel")
+    scheduler_config = _json_object(folder / "scheduler" / "scheduler_config.json")
+    shift = scheduler_config.get("shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < float("inf"):
+        raise CorruptModelError(f"{folder / 'scheduler' / 'scheduler_config.json'}: shift must be a positive number, "
+                                f"got {shift!r}")
+    style = V1.name
+    if (folder / STYLE_FILE).exists():
+        style = _json_object(folder / STYLE_FILE).get("style")
+        try:
+            style = get_style(style).name
+        except ValueError as error:
+            raise CorruptModelError(f"{folder / STYLE_FILE}: {error}") from None
+    try:
+        transformer = SD3Transformer2DModel.from_pretrained(
+            folder / "transformer", use_safetensors=True, local_files_only=True, torch_dtype=dtype
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise CorruptModelError(f"the scene model at {folder} cannot be loaded: {first_line}") from None
+    return ScenePipeline(transformer=transformer.eval(), scheduler=scheduler, style=style)
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise CorruptModelError(f"{path} is not a readable JSON file ({str(error)[:120]})") from None
+    if not isinstance(value, dict):
+        raise CorruptModelError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def export_pipeline(transformer: SD3Transformer2DModel, folder: Path, shift: float = 3.0,

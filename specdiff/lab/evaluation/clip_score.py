@@ -19,14 +19,18 @@ class ClipScorer:
     def __init__(self, name_or_path: str, device: str | torch.device = "cpu") -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        try:
-            self.model = CLIPModel.from_pretrained(name_or_path, local_files_only=True).to(device).eval()
+        import pickle
+
+        try:  # safetensors only, as for the models: a pickle (.bin) could run code when loaded
+            self.model = CLIPModel.from_pretrained(name_or_path, local_files_only=True,
+                                                   use_safetensors=True).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(name_or_path, local_files_only=True)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
             raise QualityModelMissing(
-                f"--clip-model {name_or_path!r}: no CLIP model (weights, tokenizer and preprocessor config) found "
-                f"there or in the local hub cache; specdiff never downloads. Save one with "
-                f"CLIPModel/CLIPProcessor.save_pretrained(folder) and pass the folder. ({error.__class__.__name__})"
+                f"--clip-model {name_or_path!r}: no CLIP model in safetensors (weights, tokenizer and preprocessor "
+                f"config) found there or in the local hub cache; specdiff never downloads and never reads pickle "
+                f"(.bin) weights. Save one with CLIPModel/CLIPProcessor.save_pretrained(folder) and pass the "
+                f"folder. ({error.__class__.__name__})"
             ) from None
         self.device = device
 
