@@ -134,9 +134,24 @@ def read_tuned(path) -> dict:
 
 def save_config(config: PolicyConfig, path, num_inference_steps: int | None = None) -> None:
     """Write a config as a tuned.json-style file that `load_config` reads back."""
+    if not isinstance(config, PolicyConfig):
+        raise ConfigError(f"save_config: config must be a specdiff config, got {type(config).__name__}")
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
+                                            or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        raise ConfigError(f"save_config: num_inference_steps must be a positive integer or None, "
+                          f"got {num_inference_steps!r}")
     record = {"format": FORMAT, "method": config.method, "config": dataclasses.asdict(config),
               "num_inference_steps": num_inference_steps}
-    write_atomically(Path(path), json.dumps(record, indent=1))
+    try:
+        text = json.dumps(record, indent=1, allow_nan=False)
+        read_back = config_from_record(json.loads(text), "save_config")
+    except (TypeError, ValueError) as error:  # ConfigError is a ValueError
+        raise ConfigError(f"save_config: {type(config).__name__} cannot be written as a file load_config reads "
+                          f"back ({error})") from None
+    if read_back != config or type(read_back) is not type(config):
+        raise ConfigError(f"save_config: {type(config).__name__} would load back as {read_back!r}; only configs of "
+                          "registered methods with JSON-representable fields can be saved")
+    write_atomically(Path(path), text)
 
 
 def write_atomically(path: Path, text: str) -> None:

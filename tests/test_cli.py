@@ -144,3 +144,26 @@ def test_every_option_has_help_text():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, (sub.prog, action.option_strings)
+
+
+def test_unknown_words_come_with_a_suggestion(tmp_path, capsys):
+    from specdiff.lab.embedded.scenes import suggestion
+
+    assert suggestion("big") == "large" and suggestion("upper") == "top" and suggestion("circel") == "circle"
+    assert suggestion("dog") is None
+    assert main(["generate", "a big red circel at the upper left", "--steps", "2", "--out", str(tmp_path / "out"),
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "'big' (did you mean 'large'?)" in err and "'upper' (did you mean 'top'?)" in err
+    assert "'circel' (did you mean 'circle'?)" in err
+
+
+def test_progress_bars_are_labelled_and_the_model_line_names_the_model_as_given(tmp_path, capsys):
+    code = main(["generate", "a small blue ring in the center on a black background", "--model", "embedded-v2",
+                 "--steps", "3", "--compare", "--repeats", "1", "--method", "fora", "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 0
+    model_line = next(line for line in captured.out.splitlines() if line.startswith("model:"))
+    assert model_line.startswith("model: embedded-v2 scene model;") and "/" not in model_line.split(";")[0]
+    for label in ("warm-up", "full compute 1/1", "fora 1/1"):
+        assert f"{label}:" in captured.err, label

@@ -373,3 +373,22 @@ def test_compare_runs_full_compute_at_the_models_steps_and_the_tuned_setting_at_
     psnr = float(re.search(r"PSNR ([0-9.]+|inf) dB", out).group(1))
     assert psnr < 60  # two different step counts: not the same image
     assert "speculation" not in out  # full compute never speculates
+
+
+def test_save_config_never_writes_a_file_load_config_refuses_or_reads_differently(tmp_path):
+    from specdiff.policies.fora import FORAConfig
+    from specdiff.policies.specdiff import SpecDiffConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class MySpecDiff(SpecDiffConfig):  # not registered: would load back as SpecDiffConfig
+        pass
+
+    path = tmp_path / "tuned.json"
+    for config, steps, message in [(FORAConfig(), 0, "num_inference_steps"), (FORAConfig(), True, "num_inference_steps"),
+                                   (MySpecDiff(), None, "would load back as SpecDiffConfig"),
+                                   ({"method": "fora"}, None, "must be a specdiff config")]:
+        with pytest.raises(ConfigError, match=message):
+            save_config(config, path, num_inference_steps=steps)
+        assert not path.exists()
+    save_config(FORAConfig(interval=5), path)
+    assert load_config(path) == FORAConfig(interval=5)

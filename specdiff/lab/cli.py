@@ -140,9 +140,11 @@ def load_pipeline(model: str | None, device: str, dtype_name: str):
         raise CLIError(str(error)) from None
 
 
-def _generate(pipe, args, seed: int, steps: int | None = None):
+def _generate(pipe, args, seed: int, steps: int | None = None, label: str | None = None):
     import torch
 
+    if label is not None:
+        pipe.set_progress_bar_config(disable=args.quiet, leave=False, desc=label)
     kwargs = dict(prompt=args.prompt, num_inference_steps=steps or args.steps, output_type="pt")
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
@@ -285,11 +287,12 @@ def cmd_generate(args) -> int:
     pipe, description = load_pipeline(args.model, args.device, args.dtype)
     check_image_size(pipe, args.height, args.width)
     if isinstance(pipe, ScenePipeline):
-        from specdiff.lab.embedded.scenes import unknown_words
+        from specdiff.lab.embedded.scenes import suggestion, unknown_words
 
         unknown = unknown_words(args.prompt)
         if unknown:
-            print(f"specdiff: warning: the embedded model does not know {', '.join(map(repr, unknown))}; "
+            named = [repr(w) + (f" (did you mean {suggestion(w)!r}?)" if suggestion(w) else "") for w in unknown]
+            print(f"specdiff: warning: the embedded model does not know {', '.join(named)}; "
                   "it draws only the scenes listed under `specdiff generate --help`", file=sys.stderr)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     print(f"model: {description}; method: {config}; torch threads: {torch.get_num_threads()}")
@@ -301,7 +304,7 @@ def cmd_generate(args) -> int:
 
     if not args.compare:
         with specdiff.accelerated(pipe, config) as last_summary:
-            image, seconds = _generate(pipe, args, args.seed)
+            image, seconds = _generate(pipe, args, args.seed, label=method)
             summary = last_summary()
         out.mkdir(parents=True, exist_ok=True)
         paths = _save_readable(image, out, method)
@@ -315,14 +318,16 @@ def cmd_generate(args) -> int:
 
     # one short warm-up so that neither timed run pays for first-call costs
     warm = argparse.Namespace(**{**vars(args), "steps": 2})
-    _generate(pipe, warm, args.seed)
+    _generate(pipe, warm, args.seed, label="warm-up")
     times = {"full": [], "accelerated": []}
     images = {}
-    for _ in range(args.repeats):  # interleaved pairs: each ratio compares runs made moments apart
-        images["full"], seconds = _generate(pipe, args, args.seed, args.reference_steps)
+    for run in range(args.repeats):  # interleaved pairs: each ratio compares runs made moments apart
+        images["full"], seconds = _generate(pipe, args, args.seed, args.reference_steps,
+                                            label=f"full compute {run + 1}/{args.repeats}")
         times["full"].append(seconds)
         with specdiff.accelerated(pipe, config) as last_summary:
-            images["accelerated"], seconds = _generate(pipe, args, args.seed)
+            images["accelerated"], seconds = _generate(pipe, args, args.seed,
+                                                       label=f"{method} {run + 1}/{args.repeats}")
             summary = last_summary()
         times["accelerated"].append(seconds)
 

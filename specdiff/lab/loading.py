@@ -50,10 +50,13 @@ def load_pipeline(model: str | None, device: str, dtype_name: str = "float32"):
             return load_scene_pipeline(dtype=dtype).to(device), "embedded scene model"
         except CorruptModelError as error:
             raise ModelLoadError(str(error)) from None
-    if model == "embedded-v2":  # the next embedded model, while it trains (its model card says how far)
-        from specdiff.lab.embedded.pipeline import WEIGHTS_V2_DIR
+    if model == "embedded-v2":
+        from specdiff.lab.embedded.pipeline import WEIGHTS_V2_DIR, CorruptModelError, load_scene_pipeline
 
-        model = str(WEIGHTS_V2_DIR)
+        try:
+            return load_scene_pipeline(WEIGHTS_V2_DIR, dtype=dtype).to(device), "embedded-v2 scene model"
+        except CorruptModelError as error:
+            raise ModelLoadError(str(error)) from None
     folder = Path(model).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(f"--model {model}: no such folder; --model is {MODEL_HELP}")
@@ -65,7 +68,7 @@ def load_pipeline(model: str | None, device: str, dtype_name: str = "float32"):
             from specdiff.lab.embedded.pipeline import CorruptModelError, load_scene_pipeline
 
             try:
-                return load_scene_pipeline(folder, dtype=dtype).to(device), f"scene model at {folder}"
+                return load_scene_pipeline(folder, dtype=dtype).to(device), f"scene model at {model}"
             except CorruptModelError as error:
                 raise ModelLoadError(str(error)) from None
         raise ModelLoadError(f"--model {model}: no model_index.json, so this is not a diffusers pipeline folder")
@@ -89,4 +92,4 @@ def load_pipeline(model: str | None, device: str, dtype_name: str = "float32"):
         raise ModelLoadError(f"--model {model}: could not load it offline from safetensors files: {first_line}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    return pipe.to(device), f"{class_name} at {folder}"
+    return pipe.to(device), f"{class_name} at {model}"

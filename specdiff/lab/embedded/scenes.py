@@ -382,11 +382,34 @@ def parse_caption(text: str) -> Scene | None:
 _GRAMMAR_WORDS = {"a", "an", "the", "at", "in", "on", "and", "background", "top", "bottom", "left", "right", "center"}
 
 
+# Words people write for the scene vocabulary's own: suggested in the unknown-word warning.
+_SYNONYMS = {"big": "large", "huge": "large", "little": "small", "tiny": "small", "upper": "top", "lower": "bottom",
+             "centre": "center", "middle": "center", "central": "center", "grey": "gray", "box": "square",
+             "rectangle": "square", "round": "circle", "dot": "circle", "disc": "circle", "disk": "circle",
+             "donut": "ring", "annulus": "ring", "circles": "circle", "squares": "square", "triangles": "triangle",
+             "rings": "ring"}
+
+
+def _known_words() -> set[str]:
+    return _GRAMMAR_WORDS | set(COLOURS) | set(SHAPES) | set(SIZE_NAMES)
+
+
 def unknown_words(prompt: str) -> list[str]:
     """Words of a prompt that no scene caption uses (the embedded model ignores or misreads them)."""
-    known = _GRAMMAR_WORDS | set(COLOURS) | set(SHAPES) | set(SIZE_NAMES)
+    known = _known_words()
     words = re.findall(r"[a-z]+", prompt.lower())
     return sorted({w for w in words if w not in known})
+
+
+def suggestion(word: str) -> str | None:
+    """The scene word a user most likely meant by an unknown `word` (a synonym, or a close spelling)."""
+    import difflib
+
+    known = _known_words()
+    if word in _SYNONYMS and _SYNONYMS[word] in known:
+        return _SYNONYMS[word]
+    close = difflib.get_close_matches(word, sorted(known - {"a", "an", "at", "in", "on"}), n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def vocabulary_help() -> str:
