@@ -22,6 +22,7 @@ import torch
 from specdiff.adapters.base import Adapter, offloading_of
 from specdiff.engine.graphs import StepGraphs
 from specdiff.adapters.flux import FluxAdapter
+from specdiff.adapters.flux2 import Flux2Adapter
 from specdiff.adapters.qwenimage import QwenImageAdapter
 from specdiff.adapters.sd3 import SD3Adapter
 from specdiff.adapters.wan import WanAdapter
@@ -30,9 +31,9 @@ from specdiff.engine.policy import PolicyConfig
 from specdiff.policies.registry import make_policy
 from specdiff.policies.specdiff import SpecDiffConfig
 
-ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter, QwenImageAdapter, WanAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter, Flux2Adapter, QwenImageAdapter, WanAdapter)
 SUPPORTED = ("diffusers SD3Transformer2DModel (SD3, SD3.5, the embedded model), FluxTransformer2DModel (FLUX.1), "
-             "QwenImageTransformer2DModel (Qwen-Image) and WanTransformer3DModel (Wan 2.1 / 2.2 text-to-video)")
+             "Flux2Transformer2DModel (FLUX.2 [dev] / [klein]), QwenImageTransformer2DModel (Qwen-Image) and WanTransformer3DModel (Wan 2.1 / 2.2 text-to-video)")
 
 _STATE_ATTR = "_specdiff_state"
 # The last summary of each transformer, still readable after disable (weak: kept no longer than the model).
@@ -382,6 +383,10 @@ def _accelerated_call(pipe, *args, **kwargs):
         num_steps = len(arguments["timesteps"])
     if arguments.get("sigmas") is not None:
         num_steps = len(arguments["sigmas"])
+    for name, what in state.adapter.refused_pipeline_arguments.items():
+        if arguments.get(name) is not None:
+            raise NotImplementedError(f"specdiff does not accelerate {type(pipe).__name__} with {what} ({name}=) "
+                                      "yet: call specdiff.disable(pipe) for such calls")
     runtime.start_generation(int(num_steps), cfg_groups=state.adapter.cfg_groups(arguments))
     try:
         with _prompts_encoded_once(pipe):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdiff.lab.tiny_pipelines import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
+from specdiff.lab.tiny_pipelines import (tiny_flux2_klein_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline,
+                                        tiny_sd3_pipeline, tiny_wan_pipeline)
 
 STEPS = 8
 
@@ -17,7 +18,10 @@ def quiet(pipe):
 
 
 # per family, what a short test call needs besides the common arguments (video: a few frames)
-CALL_DEFAULTS = {"WanPipeline": dict(num_frames=5, max_sequence_length=16, guidance_scale=1.0)}  # one call per step
+CALL_DEFAULTS = {"WanPipeline": dict(num_frames=5, max_sequence_length=16, guidance_scale=1.0),  # one call per step
+                 # the tiny text encoder has one layer; guidance 1: one call per step
+                 "Flux2KleinPipeline": dict(text_encoder_out_layers=(1, 1, 1), max_sequence_length=16,
+                                            guidance_scale=1.0)}
 
 
 def outputs(result):
@@ -43,6 +47,11 @@ def sd3():
 @pytest.fixture(scope="module")
 def flux():
     return quiet(tiny_flux_pipeline())
+
+
+@pytest.fixture(scope="module")
+def flux2():
+    return quiet(tiny_flux2_klein_pipeline())
 
 
 @pytest.fixture(scope="module")

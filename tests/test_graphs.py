@@ -22,7 +22,7 @@ TOKEN_LEVEL = {
 }
 
 
-@pytest.fixture(scope="module", params=["sd3", "flux", "qwenimage", "wan"])
+@pytest.fixture(scope="module", params=["sd3", "flux", "flux2", "qwenimage", "wan"])
 def pipe(request):
     pipe = request.getfixturevalue(request.param)  # conftest.py's tiny stock pipelines
     pipe.family = request.param
@@ -36,6 +36,8 @@ def _call(pipe, height=64, width=48, **extra):
         arguments["guidance_scale"] = 4.0  # a CFG batch
     if pipe.family == "qwenimage":
         arguments.update(negative_prompt="blurry", true_cfg_scale=3.0)  # CFG as a second call per step
+    if pipe.family == "flux2":  # the tiny text encoder has one layer; CFG as a second call per step
+        arguments.update(text_encoder_out_layers=(1, 1, 1), max_sequence_length=16, guidance_scale=3.0)
     if pipe.family == "wan":
         arguments.update(negative_prompt="blurry", guidance_scale=3.0, num_frames=9, max_sequence_length=16)
     return pipeline_outputs(pipe(**arguments))
@@ -59,7 +61,7 @@ def test_replayed_steps_equal_the_plain_path_across_generations(pipe, method):
             outputs.append(_call(pipe))
             addresses.append(runtime.buffer_addresses())
         assert graphs.replays >= STEPS  # the later generations run from graphs
-        branches = 2 if pipe.family in ("qwenimage", "wan") else 1  # CFG as a second call per step: its own kinds
+        branches = 2 if pipe.family in ("flux2", "qwenimage", "wan") else 1  # CFG as a second call per step: its own kinds
         assert graphs.captures == len(graphs.variants) <= 8 * branches  # a few kinds of step, each captured once
         assert addresses[0] == addresses[1] == addresses[2]  # buffers reused: same data pointers
         for output in outputs:
@@ -97,7 +99,7 @@ def test_changed_weights_drop_the_graphs(pipe):
         weight.data = original.clone() * 1.5  # new storage: a graph would read the old address
         try:
             output = _call(pipe)
-            calls = STEPS * (2 if pipe.family in ("qwenimage", "wan") else 1)  # CFG as two calls per step
+            calls = STEPS * (2 if pipe.family in ("flux2", "qwenimage", "wan") else 1)  # CFG as two calls per step
             assert sum(v.calls for v in graphs.variants.values()) == calls  # only this generation's: dropped at its start
             specdiff.disable(pipe)
             assert torch.allclose(output, _plain(pipe, config), atol=1e-5, rtol=0)

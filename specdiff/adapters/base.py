@@ -149,6 +149,7 @@ class _BlockHook(_ModelHook):
         runtime = self.adapter.runtime
         arguments = self.signature.bind(*args, **kwargs).arguments
         tokens, text = arguments.pop("hidden_states"), arguments.pop("encoder_hidden_states")
+        tokens, text, arguments, rejoin = self.adapter.block_streams(module, tokens, text, arguments)
         original = self.fn_ref.original_forward
         compiled = self.adapter.compiled_block_forward(module, original)
         if compiled is not None:
@@ -163,6 +164,8 @@ class _BlockHook(_ModelHook):
             return out if returns_text else (c, out)  # a block that only reads the text leaves it as it was
 
         text, tokens = runtime.run_block(self.index, self.count, block, tokens, text)
+        if rejoin is not None:
+            return rejoin(text, tokens)
         return (text, tokens) if returns_text else tokens
 
 
@@ -304,6 +307,7 @@ class Adapter:
     blocks_return_text = True  # blocks return (text, image); False: the image stream only (cross-attention)
     timestep_scale = 1.0  # the runtime's timesteps in the 0-1000 range of the summaries
     refused_arguments: dict[str, str] = {}  # forward argument -> what specdiff does not accelerate yet
+    refused_pipeline_arguments: dict[str, str] = {}  # pipeline call argument -> what it does not accelerate yet
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -363,6 +367,12 @@ class Adapter:
     def positions_of(self, positions, active: torch.Tensor):
         """The position_module's output for the image tokens `active` (B, n) only (and all text tokens)."""
         raise NotImplementedError
+
+    def block_streams(self, block, tokens, text, arguments: dict):
+        """(image tokens, text tokens, other arguments, rejoin or None) of a block call, for block-level
+        methods: a block that takes its streams joined is split here, and `rejoin(text, image)` makes its
+        return value. Default: the streams as the block takes them."""
+        return tokens, text, arguments, None
 
     def block_arguments(self, arguments: dict, active: torch.Tensor) -> dict:
         """A block's other arguments when it runs only the image tokens `active` (ToCa): per-token ones

@@ -51,6 +51,9 @@ class AttentionContext(threading.local):
         self.tap_seconds: float = 0.0  # host time spent in taps this step (counted as scoring)
         self.timestep: float = 0.0  # of the transformer call in progress
         self.text_length: int = 0  # text tokens of the call in progress
+        # (cos, sin) rows of the text and active image tokens of this step, for a family whose forward joins
+        # its positions after the position module (FLUX.2); None when not picked
+        self.positions: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclasses.dataclass

@@ -189,6 +189,41 @@ def tiny_wan_pipeline(width: int = 24, layers: int = 2, heads: int = 2, seed: in
                              scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)))
 
 
+_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_flux2_klein_pipeline(width: int = 32, double_layers: int = 1, single_layers: int = 2, heads: int = 2,
+                              seed: int = 0):
+    """A Flux2KleinPipeline (FLUX.2 [klein]) with random weights: a one-layer Qwen3 text encoder with a byte
+    tokenizer and a chat template, a small FLUX.2 VAE, latents packed 2 x 2. Classifier-free guidance is a
+    second transformer call per step (`cache_context("uncond")`). Call it with text_encoder_out_layers=(1, 1, 1)
+    (the text encoder has one layer) and a short max_sequence_length."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    head_dim = width // heads
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=double_layers, num_single_layers=single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=3 * 16,
+        timestep_guidance_channels=16, axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=False)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16),
+                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             layers_per_block=1, norm_num_groups=8, sample_size=64)
+    tokenizer = _qwen_tokenizer()
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    vocab = len(tokenizer)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=2048, bos_token_id=vocab - 3,
+        eos_token_id=vocab - 3, pad_token_id=vocab - 3))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return _eval(Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    transformer=transformer, is_distilled=False))
+
+
 def save_tiny_clip(folder) -> None:
     """A tiny random CLIPModel + CLIPProcessor saved to `folder` (for testing the CLIP score offline)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
