@@ -61,6 +61,13 @@ class _State:
         self.runtime = runtime
         self.pipeline = pipeline
         self.original_class = original_class
+        # a pipeline's second transformer (Wan 2.2 A14B's transformer_2, the low-noise stage): its own
+        # engine state, enabled and disabled with the pipeline
+        self.second: _State | None = None
+        self.part_of: _State | None = None  # on the second transformer's state: the pipeline's
+
+    def members(self) -> list[_State]:
+        return [self] + ([self.second] if self.second is not None else [])
 
 
 def _transformer_of(obj):
@@ -132,28 +139,33 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
     if cuda_graphs not in (False, True, "eager") or isinstance(cuda_graphs, (int, float)) and not isinstance(cuda_graphs, bool):
         raise ValueError(f"enable(cuda_graphs=...) must be False, True or 'eager', got {cuda_graphs!r}")
     transformer, pipeline = _transformer_of(obj)
-    if pipeline is not None and isinstance(getattr(pipeline, "transformer_2", None), torch.nn.Module):
-        raise UnsupportedModelError(
-            f"{type(pipeline).__name__} has a second transformer (transformer_2, Wan 2.2 A14B's low-noise stage), "
-            "which specdiff does not accelerate yet; supported: " + SUPPORTED)
+    second = getattr(pipeline, "transformer_2", None) if pipeline is not None else None
+    second = second if isinstance(second, torch.nn.Module) else None
+    if second is not None and type(_adapter_for(second)) is not type(_adapter_for(transformer)):
+        raise UnsupportedModelError(f"{type(pipeline).__name__}'s transformer_2 is a {type(second).__name__}, of "
+                                    f"another family than its transformer ({type(transformer).__name__})")
     if cfg_batch and pipeline is not None:
         raise ValueError("enable(cfg_batch=True) is for a bare transformer; a pipeline's guidance_scale says it")
     adapter_type = _adapter_for(transformer)
     existing = getattr(transformer, _STATE_ATTR, None) or (
-        vars(pipeline).get(_STATE_ATTR) if pipeline is not None else None)
+        vars(pipeline).get(_STATE_ATTR) if pipeline is not None else None) or (
+        getattr(second, _STATE_ATTR, None) if second is not None else None)
     if existing is not None:
         running = existing.runtime.running()
         if running is not None:
             raise RuntimeError(f"specdiff.enable refused: {running} is running on this {type(obj).__name__}; "
                                "enable another config after it returns, with specdiff.disable first")
         raise RuntimeError(f"specdiff is already enabled on this {type(obj).__name__}; call specdiff.disable first")
-    other = _other_cache(transformer)
-    if other is not None:
-        raise RuntimeError(f"{other} is already installed on this transformer; remove it before enabling specdiff "
-                           "(two caches on one model would each skip work the other relies on)")
+    for model in (transformer, second):
+        other = _other_cache(model) if model is not None else None
+        if other is not None:
+            raise RuntimeError(f"{other} is already installed on this transformer; remove it before enabling specdiff "
+                               "(two caches on one model would each skip work the other relies on)")
     policy = make_policy(config)
     if cuda_graphs:
-        _check_graphs(transformer, policy, capture=cuda_graphs is True)
+        for model in (transformer, second):
+            if model is not None:
+                _check_graphs(model, policy, capture=cuda_graphs is True)
     if pipeline is None:
         if num_inference_steps is None:
             raise ValueError("on a bare transformer, enable needs num_inference_steps >= 1 (steps per generation)")
@@ -162,23 +174,34 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
                 f"{type(config).__name__}.speculative_steps={policy.speculative_steps} needs the pipeline to run the "
                 "speculative pass: pass the pipeline, or set speculative_steps=0 on a bare transformer"
             )
-    runtime = Runtime(policy, seed=seed, auto_num_steps=num_inference_steps if pipeline is None else None,
-                      auto_cfg_groups=2 if cfg_batch else 1)
-    adapter = adapter_type(transformer, runtime)
-    if cuda_graphs:
-        adapter.graphs = StepGraphs(cuda_graphs is True, runtime.buffers, runtime.buffer_addresses)
-    adapter.install()
-    state = _State(adapter, runtime)
+    state = _install(adapter_type, transformer, policy, seed, cuda_graphs, pipeline,
+                     auto_num_steps=num_inference_steps if pipeline is None else None,
+                     auto_cfg_groups=2 if cfg_batch else 1)
+    if second is not None:  # its own policy and engine state: the two stages share nothing but the call
+        state.second = _install(adapter_type, second, make_policy(config), seed, cuda_graphs, pipeline)
+        state.second.part_of = state
     if pipeline is not None:
-        from specdiff.adapters.base import ScheduleReader
-
-        adapter.schedule = ScheduleReader(pipeline)
         state.pipeline = pipeline
         state.original_class = type(pipeline)
         vars(pipeline)[_STATE_ATTR] = state  # found again even if pipe.transformer is replaced
         pipeline.__class__ = _accelerated_class(type(pipeline))
-    setattr(transformer, _STATE_ATTR, state)
     return obj
+
+
+def _install(adapter_type, transformer, policy, seed: int, cuda_graphs, pipeline, auto_num_steps=None,
+             auto_cfg_groups: int = 1) -> _State:
+    runtime = Runtime(policy, seed=seed, auto_num_steps=auto_num_steps, auto_cfg_groups=auto_cfg_groups)
+    adapter = adapter_type(transformer, runtime)
+    if cuda_graphs:
+        adapter.graphs = StepGraphs(cuda_graphs is True, runtime.buffers, runtime.buffer_addresses)
+    adapter.install()
+    if pipeline is not None:
+        from specdiff.adapters.base import ScheduleReader
+
+        adapter.schedule = ScheduleReader(pipeline)
+    state = _State(adapter, runtime)
+    setattr(transformer, _STATE_ATTR, state)
+    return state
 
 
 def _check_graphs(transformer, policy, capture: bool) -> None:
@@ -244,19 +267,23 @@ def disable(obj):
     state = _state_of(obj)
     if state is None:
         raise RuntimeError(f"specdiff is not enabled on this {type(obj).__name__}")
-    running = state.runtime.running()
-    if running is not None:
-        raise RuntimeError(f"specdiff.disable refused: {running} is running on this {type(obj).__name__}; "
-                           "disable it after the call returns (disabling now would corrupt that generation)")
-    state.runtime.abort()
-    state.adapter.uninstall()
-    transformer = state.adapter.model
-    if state.runtime.last_summary is not None:
-        _LAST_SUMMARY[transformer] = state.runtime.last_summary
+    if state.part_of is not None:
+        raise RuntimeError(f"specdiff was enabled on this {type(obj).__name__} through its pipeline (its second "
+                           "transformer): call specdiff.disable(pipe)")
+    for member in state.members():
+        running = member.runtime.running()
+        if running is not None:
+            raise RuntimeError(f"specdiff.disable refused: {running} is running on this {type(obj).__name__}; "
+                               "disable it after the call returns (disabling now would corrupt that generation)")
+    for member in state.members():
+        member.runtime.abort()
+        member.adapter.uninstall()
+        if member.runtime.last_summary is not None:
+            _LAST_SUMMARY[member.adapter.model] = member.runtime.last_summary
+        vars(member.adapter.model).pop(_STATE_ATTR, None)
     if state.pipeline is not None:
         state.pipeline.__class__ = state.original_class
         vars(state.pipeline).pop(_STATE_ATTR, None)
-    vars(transformer).pop(_STATE_ATTR, None)
     return obj
 
 
@@ -362,16 +389,20 @@ def _speculation_generators(pipe, arguments: dict):
 
 def _accelerated_call(pipe, *args, **kwargs):
     state: _State = vars(pipe)[_STATE_ATTR]
-    if pipe.transformer is not state.adapter.model:
-        raise RuntimeError(
-            "pipe.transformer was replaced after specdiff.enable; call specdiff.disable(pipe) (it restores the "
-            "pipeline and the old transformer), then specdiff.enable(pipe, config) for the new one"
-        )
+    for name, member in zip(("transformer", "transformer_2"), state.members()):
+        if getattr(pipe, name, None) is not member.adapter.model:
+            raise RuntimeError(
+                f"pipe.{name} was replaced after specdiff.enable; call specdiff.disable(pipe) (it restores the "
+                f"pipeline and the old transformer), then specdiff.enable(pipe, config) for the new one"
+            )
+        other = _other_cache(member.adapter.model)
+        if other is not None:
+            raise RuntimeError(f"{other} was installed on pipe.{name} after specdiff.enable; two caches would "
+                               "each skip work the other relies on: remove it, or specdiff.disable(pipe)")
+    if state.second is None and isinstance(getattr(pipe, "transformer_2", None), torch.nn.Module):
+        raise RuntimeError("pipe.transformer_2 was set after specdiff.enable; call specdiff.disable(pipe), then "
+                           "specdiff.enable(pipe, config) to accelerate both transformers")
     runtime = state.runtime
-    other = _other_cache(pipe.transformer)
-    if other is not None:
-        raise RuntimeError(f"{other} was installed on this transformer after specdiff.enable; two caches would "
-                           "each skip work the other relies on: remove it, or specdiff.disable(pipe)")
     base_call = state.original_class.__call__
     bound = _call_arguments(pipe, args, kwargs)
     arguments = dict(bound.arguments)
@@ -387,18 +418,26 @@ def _accelerated_call(pipe, *args, **kwargs):
         if arguments.get(name) is not None:
             raise NotImplementedError(f"specdiff does not accelerate {type(pipe).__name__} with {what} ({name}=) "
                                       "yet: call specdiff.disable(pipe) for such calls")
-    runtime.start_generation(int(num_steps), cfg_groups=state.adapter.cfg_groups(arguments))
+    members = state.members()
+    started = []
     try:
+        for member in members:
+            member.runtime.start_generation(int(num_steps), cfg_groups=state.adapter.cfg_groups(arguments))
+            started.append(member)
         with _prompts_encoded_once(pipe):
             if runtime.policy.speculative_steps > 0:
-                state.adapter.schedule.reset()
-                _speculate(pipe, base_call, arguments, runtime, state.adapter)
-            state.adapter.schedule.reset()  # each pass sets its own timesteps
+                for member in members:
+                    member.adapter.schedule.reset()
+                _speculate(pipe, base_call, arguments, [m.runtime for m in members], state.adapter)
+            for member in members:
+                member.adapter.schedule.reset()  # each pass sets its own timesteps
             result = base_call(pipe, **arguments)
-        runtime.finish_generation()
+        for member in members:
+            member.runtime.finish_generation()
         return result
     except BaseException:
-        runtime.abort()
+        for member in started:
+            member.runtime.abort()
         raise
 
 
@@ -439,21 +478,22 @@ def _prompts_encoded_once(pipe):
         vars(pipe).pop("encode_prompt", None)
 
 
-def _speculate(pipe, base_call, arguments: dict, runtime: Runtime, adapter: Adapter) -> None:
+def _speculate(pipe, base_call, arguments: dict, runtimes: list[Runtime], adapter: Adapter) -> None:
     import time
 
     tic = time.perf_counter()
     spec_args = dict(arguments)
-    spec_args.update(num_inference_steps=runtime.policy.speculative_steps, output_type="latent")
+    spec_args.update(num_inference_steps=runtimes[0].policy.speculative_steps, output_type="latent")
     for key in ("timesteps", "sigmas", "callback_on_step_end"):
         if key in spec_args:
             spec_args[key] = None
-    if not runtime.policy.speculative_cfg:
+    if not runtimes[0].policy.speculative_cfg:
         spec_args.update(adapter.without_cfg(spec_args))
     if spec_args.get("latents") is None:
         spec_args["generator"] = _speculation_generators(pipe, arguments)
     progress = getattr(pipe, "_progress_bar_config", None)
-    runtime.start_speculation()
+    for runtime in runtimes:
+        runtime.start_speculation()
     try:
         pipe.set_progress_bar_config(disable=True)
         base_call(pipe, **spec_args)
@@ -462,5 +502,6 @@ def _speculate(pipe, base_call, arguments: dict, runtime: Runtime, adapter: Adap
             vars(pipe).pop("_progress_bar_config", None)
         else:
             pipe._progress_bar_config = progress
-    runtime.end_speculation()
-    runtime.summary.speculation_seconds = time.perf_counter() - tic
+    for runtime in runtimes:  # each stage gets the maps of its own speculative calls (none: no maps)
+        runtime.end_speculation()
+    runtimes[0].summary.speculation_seconds = time.perf_counter() - tic

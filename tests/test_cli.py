@@ -167,3 +167,26 @@ def test_progress_bars_are_labelled_and_the_model_line_names_the_model_as_given(
     assert model_line.startswith("model: embedded-v2 scene model;") and "/" not in model_line.split(";")[0]
     for label in ("warm-up", "full compute 1/1", "fora 1/1"):
         assert f"{label}:" in captured.err, label
+
+
+def test_a_busy_machine_gets_fewer_threads_and_says_so(monkeypatch, tmp_path, capsys):
+    from specdiff.lab.cli import threads_for_a_busy_machine
+
+    assert threads_for_a_busy_machine(2, load=0.2, cores=2) is None
+    assert threads_for_a_busy_machine(2, load=1.0, cores=2)[0] == 1
+    assert threads_for_a_busy_machine(8, load=5.0, cores=8)[0] == 3
+    assert threads_for_a_busy_machine(1, load=9.0, cores=2) is None  # one thread is the least
+    import os
+
+    import torch
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 7.0, 7.0))
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "a small blue ring in the center on a black background", "--steps", "2",
+                     "--device", "cpu", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+        err = capsys.readouterr().err
+        if before > 1:
+            assert "the machine is busy (load 7.5" in err and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -3,8 +3,6 @@ text-to-video pipeline too: test_policies.py, test_graphs.py, test_engine.py wit
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -24,13 +22,55 @@ def test_rows_of_the_active_tokens_rotate_as_the_full_sequence():
     torch.testing.assert_close(rotate(subset, *picked), torch.stack([full[b, active[b]] for b in range(2)]))
 
 
-def test_a_second_transformer_is_refused_before_any_work(wan):
-    """Wan 2.2 A14B's pipeline switches to transformer_2 for the low-noise steps: accelerating only the
-    first would leave half the steps plain without a word."""
-    two_stage = type(wan)(**{**wan.components, "transformer_2": copy.deepcopy(wan.transformer)}, boundary_ratio=0.5)
-    with pytest.raises(specdiff.UnsupportedModelError, match="transformer_2"):
-        specdiff.enable(two_stage, specdiff.SpecDiffConfig())
-    assert not specdiff.is_enabled(two_stage)
+@pytest.fixture(scope="module")
+def two_stage():
+    from specdiff.lab.tiny_pipelines import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline(two_stage=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _video(pipe, **extra):
+    return pipe(prompt="a red cat", negative_prompt="blurry", guidance_scale=3.0, num_inference_steps=8, height=64,
+                width=48, num_frames=5, max_sequence_length=16, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **extra).frames
+
+
+def test_both_transformers_of_a_two_stage_pipeline_run_accelerated_and_exact_at_full_compute(two_stage):
+    """Wan 2.2 A14B: transformer for the high-noise steps, transformer_2 below the boundary; each keeps
+    its own engine state, and with every token computed the video equals plain diffusers'."""
+    plain = _video(two_stage)
+    for config in (specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1), specdiff.FORAConfig(interval=1)):
+        with specdiff.accelerated(two_stage, config):
+            out = _video(two_stage)
+            first, second = specdiff.summary(two_stage), specdiff.summary(two_stage.transformer_2)
+        torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+        steps = lambda summary: {r.step for r in summary.records if r.phase == "real"}  # noqa: E731
+        # the boundary splits the 8 steps: each stage counts its own from 0, both CFG calls per step
+        assert steps(first) and steps(second) and len(steps(first)) + len(steps(second)) == 8
+        assert {r.branch for r in second.records if r.phase == "real"} == {0, 1}
+    assert torch.equal(_video(two_stage), plain)
+
+
+def test_a_two_stage_pipeline_caches_in_both_stages_and_keeps_their_states_apart(two_stage):
+    config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=1, reset_steps=())
+    specdiff.enable(two_stage, config)
+    try:
+        first_state = two_stage.transformer._specdiff_state
+        second_state = two_stage.transformer_2._specdiff_state
+        assert first_state.runtime is not second_state.runtime and first_state.adapter is not second_state.adapter
+        first = _video(two_stage)
+        again = _video(two_stage)
+        for transformer in (two_stage.transformer, two_stage.transformer_2):
+            kinds = [r.kind for r in specdiff.summary(transformer).records if r.phase == "real" and r.branch == 0]
+            assert kinds[0] == "dense" and "sparse" in kinds  # each stage warms up on its own first step
+        with pytest.raises(RuntimeError, match="through its pipeline"):
+            specdiff.disable(two_stage.transformer_2)
+    finally:
+        specdiff.disable(two_stage)
+    assert torch.equal(first, again)
+    assert not specdiff.is_enabled(two_stage.transformer_2) and not specdiff.is_enabled(two_stage)
 
 
 def test_per_token_timesteps_and_image_inputs_are_refused(wan):

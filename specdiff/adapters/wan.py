@@ -6,9 +6,9 @@ forward, so this family plans its step at the RoPE module (the latents' shape gi
 picks the rows of the tokens that run there, and gathers those tokens just before the first block.
 Self-attention reads the keys / values of every video token from the cache; cross-attention runs the
 stock math on the active queries. WanPipeline runs classifier-free guidance as a second call per step
-(`cache_context("uncond")`): its own branch. Refused: image-to-video inputs
-(`encoder_hidden_states_image`), per-token timesteps (Wan 2.2 TI2V), and a pipeline with a second
-transformer (Wan 2.2 A14B's `transformer_2`, checked by enable).
+(`cache_context("uncond")`): its own branch. Wan 2.2 A14B's second transformer (`transformer_2`, the
+low-noise steps) gets its own adapter and engine state from `enable`. Refused: image-to-video inputs
+(`encoder_hidden_states_image`) and per-token timesteps (Wan 2.2 TI2V).
 """
 
 from __future__ import annotations

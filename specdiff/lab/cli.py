@@ -172,6 +172,21 @@ def _save(image, path: Path, scale: int) -> None:
     picture.save(path)
 
 
+def threads_for_a_busy_machine(threads: int, load: float | None = None, cores: int | None = None):
+    """(threads, why) when other work leaves fewer free cores than `threads` (free = cores less the
+    1-minute load average), else None: fewer threads then, at least one."""
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except OSError:  # not available on this platform
+        return None
+    cores = cores or os.cpu_count() or 1
+    free = cores - load
+    if free >= threads - 0.5:
+        return None
+    fewer = max(1, int(free + 0.5))
+    return (fewer, f"the machine is busy (load {load:.1f} on {cores} cores)") if fewer < threads else None
+
+
 def check_output_folder(path: str, option: str = "--out") -> Path:
     """Refuse an output folder that cannot be written, before any work; create nothing."""
     out = Path(path).expanduser()
@@ -284,6 +299,13 @@ def cmd_generate(args) -> int:
         if args.threads < 1:
             raise CLIError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    elif args.device == "cpu":
+        busy = threads_for_a_busy_machine(torch.get_num_threads())
+        if busy is not None:  # threads that wait for busy cores make a run several times slower, not faster
+            threads, why = busy
+            torch.set_num_threads(threads)
+            print(f"note: {why}: running on {threads} torch thread{'s' * (threads > 1)} (--threads N to choose)",
+                  file=sys.stderr)
     pipe, description = load_pipeline(args.model, args.device, args.dtype)
     check_image_size(pipe, args.height, args.width)
     if isinstance(pipe, ScenePipeline):
@@ -321,15 +343,26 @@ def cmd_generate(args) -> int:
     _generate(pipe, warm, args.seed, label="warm-up")
     times = {"full": [], "accelerated": []}
     images = {}
-    for run in range(args.repeats):  # interleaved pairs: each ratio compares runs made moments apart
+    summary = None
+
+    def run_full(run):
         images["full"], seconds = _generate(pipe, args, args.seed, args.reference_steps,
                                             label=f"full compute {run + 1}/{args.repeats}")
         times["full"].append(seconds)
+
+    def run_accelerated(run):
+        nonlocal summary
         with specdiff.accelerated(pipe, config) as last_summary:
             images["accelerated"], seconds = _generate(pipe, args, args.seed,
                                                        label=f"{method} {run + 1}/{args.repeats}")
             summary = last_summary()
         times["accelerated"].append(seconds)
+
+    # interleaved pairs, each ratio comparing runs made moments apart; the order alternates (full first,
+    # then accelerated first) so that a machine slowing down or speeding up does not favour either
+    for run in range(args.repeats):
+        for part in ((run_full, run_accelerated) if run % 2 == 0 else (run_accelerated, run_full)):
+            part(run)
 
     ratios = [f / a for f, a in zip(times["full"], times["accelerated"])]
     quality_psnr = psnr(images["full"], images["accelerated"])

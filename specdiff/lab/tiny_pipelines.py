@@ -170,9 +170,11 @@ def tiny_qwenimage_pipeline(width: int = 32, layers: int = 2, heads: int = 2, se
         vae=vae, text_encoder=_qwen_text_encoder(len(tokenizer), 16), tokenizer=tokenizer, transformer=transformer))
 
 
-def tiny_wan_pipeline(width: int = 24, layers: int = 2, heads: int = 2, seed: int = 0):
+def tiny_wan_pipeline(width: int = 24, layers: int = 2, heads: int = 2, seed: int = 0, two_stage: bool = False):
     """A WanPipeline (text-to-video) with random weights: a one-layer UMT5 text encoder, a small Wan VAE,
-    patches of 1 x 2 x 2. Classifier-free guidance is a second transformer call per step."""
+    patches of 1 x 2 x 2. Classifier-free guidance is a second transformer call per step. two_stage: as
+    Wan 2.2 A14B, a second transformer (`transformer_2`, other random weights) runs the steps whose
+    timestep is below half of the schedule (`boundary_ratio=0.5`)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -185,8 +187,12 @@ def tiny_wan_pipeline(width: int = 24, layers: int = 2, heads: int = 2, seed: in
                            latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                                num_heads=2))
+    second = None
+    if two_stage:
+        second = WanTransformer3DModel.from_config(transformer.config)
     return _eval(WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)))
+                             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer_2=second,
+                             boundary_ratio=0.5 if two_stage else None))
 
 
 _CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
