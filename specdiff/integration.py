@@ -26,12 +26,14 @@ from specdiff.adapters.flux2 import Flux2Adapter
 from specdiff.adapters.qwenimage import QwenImageAdapter
 from specdiff.adapters.sd3 import SD3Adapter
 from specdiff.adapters.wan import WanAdapter
+from specdiff.adapters.zimage import ZImageAdapter
 from specdiff.engine.runtime import GenerationSummary, Runtime
 from specdiff.engine.policy import PolicyConfig
 from specdiff.policies.registry import make_policy
 from specdiff.policies.specdiff import SpecDiffConfig
 
-ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter, Flux2Adapter, QwenImageAdapter, WanAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter, Flux2Adapter, QwenImageAdapter, WanAdapter,
+                                       ZImageAdapter)
 SUPPORTED = ("diffusers SD3Transformer2DModel (SD3, SD3.5, the embedded model), FluxTransformer2DModel (FLUX.1), "
              "Flux2Transformer2DModel (FLUX.2 [dev] / [klein]), QwenImageTransformer2DModel (Qwen-Image) and WanTransformer3DModel (Wan 2.1 / 2.2 text-to-video)")
 
@@ -163,6 +165,9 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
                                "(two caches on one model would each skip work the other relies on)")
     policy = make_policy(config)
     if cuda_graphs:
+        if adapter_type.graphs_refused is not None:
+            raise ValueError(f"enable(cuda_graphs=...) cannot replay {type(transformer).__name__}: "
+                             f"{adapter_type.graphs_refused}; enable with cuda_graphs=False")
         for model in (transformer, second):
             if model is not None:
                 _check_graphs(model, policy, capture=cuda_graphs is True)
@@ -414,10 +419,10 @@ def _accelerated_call(pipe, *args, **kwargs):
         num_steps = len(arguments["timesteps"])
     if arguments.get("sigmas") is not None:
         num_steps = len(arguments["sigmas"])
-    for name, what in state.adapter.refused_pipeline_arguments.items():
-        if arguments.get(name) is not None:
-            raise NotImplementedError(f"specdiff does not accelerate {type(pipe).__name__} with {what} ({name}=) "
-                                      "yet: call specdiff.disable(pipe) for such calls")
+    refused = state.adapter.refuse_pipeline_call(arguments)
+    if refused is not None:
+        raise NotImplementedError(f"specdiff does not accelerate {type(pipe).__name__} with {refused} yet: call "
+                                  "specdiff.disable(pipe) for such calls")
     members = state.members()
     started = []
     try:
@@ -482,7 +487,9 @@ def _speculate(pipe, base_call, arguments: dict, runtimes: list[Runtime], adapte
     import time
 
     tic = time.perf_counter()
-    spec_args = dict(arguments)
+    # lists copied: a pipeline may write into the prompt list it is given (ZImagePipeline applies its chat
+    # template in place), and the real pass must see the user's prompts as they were
+    spec_args = {key: list(value) if isinstance(value, list) else value for key, value in arguments.items()}
     spec_args.update(num_inference_steps=runtimes[0].policy.speculative_steps, output_type="latent")
     for key in ("timesteps", "sigmas", "callback_on_step_end"):
         if key in spec_args:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specdiff.lab.tiny_pipelines import (tiny_flux2_klein_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline,
-                                        tiny_sd3_pipeline, tiny_wan_pipeline)
+                                        tiny_sd3_pipeline, tiny_wan_pipeline, tiny_zimage_pipeline)
 
 STEPS = 8
 
@@ -21,7 +21,8 @@ def quiet(pipe):
 CALL_DEFAULTS = {"WanPipeline": dict(num_frames=5, max_sequence_length=16, guidance_scale=1.0),  # one call per step
                  # the tiny text encoder has one layer; guidance 1: one call per step
                  "Flux2KleinPipeline": dict(text_encoder_out_layers=(1, 1, 1), max_sequence_length=16,
-                                            guidance_scale=1.0)}
+                                            guidance_scale=1.0),
+                 "ZImagePipeline": dict(max_sequence_length=32)}  # CFG: [cond, uncond] rows of one call
 
 
 def outputs(result):
@@ -52,6 +53,11 @@ def flux():
 @pytest.fixture(scope="module")
 def flux2():
     return quiet(tiny_flux2_klein_pipeline())
+
+
+@pytest.fixture(scope="module")
+def zimage():
+    return quiet(tiny_zimage_pipeline())
 
 
 @pytest.fixture(scope="module")

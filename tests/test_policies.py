@@ -12,7 +12,7 @@ from specdiff.lab.evaluation.flops import _extra_mapping
 from specdiff.lab.studies import SpecDiffStudyConfig  # registers the lab's study method
 from conftest import generate as shared_generate
 from specdiff.lab.tiny_pipelines import (tiny_flux2_klein_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline,
-                                        tiny_sd3_pipeline, tiny_wan_pipeline)
+                                        tiny_sd3_pipeline, tiny_wan_pipeline, tiny_zimage_pipeline)
 
 STEPS = 8
 ALWAYS_COMPUTE = {
@@ -40,10 +40,11 @@ def test_every_registered_method_is_covered():
     assert set(ALWAYS_COMPUTE) == set(specdiff.POLICIES)
 
 
-@pytest.fixture(scope="module", params=["sd3", "flux", "flux2", "qwenimage", "wan"])
+@pytest.fixture(scope="module", params=["sd3", "flux", "flux2", "qwenimage", "wan", "zimage"])
 def pipe(request):
     make = {"sd3": lambda: tiny_sd3_pipeline(layers=3), "flux": lambda: tiny_flux_pipeline(single_layers=2),
-            "flux2": tiny_flux2_klein_pipeline, "qwenimage": tiny_qwenimage_pipeline, "wan": tiny_wan_pipeline}[request.param]
+            "flux2": tiny_flux2_klein_pipeline, "qwenimage": tiny_qwenimage_pipeline, "wan": tiny_wan_pipeline,
+            "zimage": tiny_zimage_pipeline}[request.param]
     pipe = make()
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -113,8 +114,8 @@ def test_block_caches_cut_flops_as_scheduled(pipe, method):
             # a quarter of the image tokens (plus all text) through every block
             assert record.blocks_computed == pytest.approx(0.25, abs=0.01)
             assert 0.2 * dense < flops < 0.9 * dense
-        else:
-            assert flops < 0.2 * dense  # embedding and head only
+        else:  # embedding and head only; Z-Image's refiner layers (2 of the tiny model's 4) run every step
+            assert flops < (0.4 if type(pipe).__name__ == "ZImagePipeline" else 0.2) * dense
 
 
 def test_first_block_cache_skips_when_the_first_block_barely_changes(pipe):

@@ -79,18 +79,19 @@ class ScheduleReader:
     def scheduler(self):
         return getattr(self.pipeline, "scheduler", None)
 
-    def read(self, timestep, scale: float) -> float:
+    def read(self, timestep, convert) -> float:
+        """`convert`: the transformer's timestep argument (a float) -> the scheduler's units."""
         schedule = getattr(self.scheduler, "timesteps", None)
         if not isinstance(schedule, torch.Tensor) or schedule.ndim != 1:
-            return timestep_value(timestep) * scale
+            return convert(timestep_value(timestep))
         if schedule is not self._tensor:  # set_timesteps made a new schedule: a new pipeline call
             self._tensor, self._values = schedule, schedule.float().cpu().tolist()
-            exact = timestep_value(timestep) * scale
+            exact = convert(timestep_value(timestep))
             value = self._at_current_index()
             self._trusted = value is not None and abs(value - exact) <= 1e-2 * max(1.0, abs(exact))
             return exact
         value = self._at_current_index() if self._trusted else None
-        return value if value is not None else timestep_value(timestep) * scale
+        return value if value is not None else convert(timestep_value(timestep))
 
     def _at_current_index(self) -> float | None:
         index = getattr(self.scheduler, "step_index", None)
@@ -148,8 +149,7 @@ class _BlockHook(_ModelHook):
     def new_forward(self, module, *args, **kwargs):
         runtime = self.adapter.runtime
         arguments = self.signature.bind(*args, **kwargs).arguments
-        tokens, text = arguments.pop("hidden_states"), arguments.pop("encoder_hidden_states")
-        tokens, text, arguments, rejoin = self.adapter.block_streams(module, tokens, text, arguments)
+        tokens, text, arguments, rejoin = self.adapter.block_streams(module, arguments)
         original = self.fn_ref.original_forward
         compiled = self.adapter.compiled_block_forward(module, original)
         if compiled is not None:
@@ -157,10 +157,11 @@ class _BlockHook(_ModelHook):
         context = runtime.context
 
         returns_text = self.adapter.blocks_return_text
+        call_block = self.adapter.call_block
 
         def block(x, c, active=None):  # `active`: ToCa runs a subset of a dense step's tokens
             extra = arguments if active is None else self.adapter.block_arguments(arguments, active)
-            out = on_tokens(context, active, lambda: original(hidden_states=x, encoder_hidden_states=c, **extra))
+            out = on_tokens(context, active, lambda: call_block(original, x, c, extra))
             return out if returns_text else (c, out)  # a block that only reads the text leaves it as it was
 
         text, tokens = runtime.run_block(self.index, self.count, block, tokens, text)
@@ -204,6 +205,23 @@ def _frozen(name: str, value):
         return repr(value)
 
 
+def attention_processors(model: torch.nn.Module) -> dict:
+    """{name: processor} of every attention layer, in call order: diffusers' `attn_processors` where the
+    model has it, else every submodule with a processor (a model without AttentionMixin, e.g. Z-Image)."""
+    if hasattr(type(model), "attn_processors"):
+        return dict(model.attn_processors)
+    return {f"{name}.processor": module.processor for name, module in model.named_modules()
+            if hasattr(module, "set_processor") and hasattr(module, "processor")}
+
+
+def set_attention_processors(model: torch.nn.Module, processors: dict) -> None:
+    if hasattr(type(model), "set_attn_processor"):
+        model.set_attn_processor(processors)
+        return
+    for name, processor in processors.items():
+        model.get_submodule(name.removesuffix(".processor")).set_processor(processor)
+
+
 def offloading_of(model: torch.nn.Module) -> str | None:
     """What moves this model's weights per call (accelerate's or diffusers' offloading), if anything."""
     for name, module in model.named_modules():
@@ -221,7 +239,7 @@ def model_fingerprint(model: torch.nn.Module) -> int:
     processors and backends, LoRA adapters and their scales, compiled blocks."""
     weights = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
     processors = tuple((name, id(proc), getattr(proc, "_attention_backend", None))
-                       for name, proc in model.attn_processors.items())
+                       for name, proc in attention_processors(model).items())
     lora, compiled = [], []
     for name, module in model.named_modules():
         if isinstance(getattr(module, "scaling", None), dict):  # a PEFT LoRA layer
@@ -306,8 +324,33 @@ class Adapter:
     block_lists: tuple[str, ...] = ()  # block list attributes, in call order
     blocks_return_text = True  # blocks return (text, image); False: the image stream only (cross-attention)
     timestep_scale = 1.0  # the runtime's timesteps in the 0-1000 range of the summaries
+    timestep_argument = "timestep"  # the forward argument that holds the call's timestep
+    conditional_rows_first = False  # a CFG batch's conditional rows: the second half (SD3), or the first (Z-Image)
+    graphs_refused: str | None = None  # why this family's calls cannot be replayed from CUDA graphs (None: they can)
     refused_arguments: dict[str, str] = {}  # forward argument -> what specdiff does not accelerate yet
     refused_pipeline_arguments: dict[str, str] = {}  # pipeline call argument -> what it does not accelerate yet
+
+    def refuse_pipeline_call(self, arguments: dict) -> str | None:
+        """What in a pipeline call's arguments the engine cannot honour yet, or None; checked before any work.
+        Default: the arguments of refused_pipeline_arguments that are given."""
+        for name, what in self.refused_pipeline_arguments.items():
+            if arguments.get(name) is not None:
+                return f"{what} ({name}=)"
+        return None
+
+    def to_schedule(self, value: float) -> float:
+        """The call's timestep argument in the scheduler's units (the summaries' 0-1000 range)."""
+        return value * self.timestep_scale
+
+    def text_length(self, arguments: dict) -> int:
+        """Text tokens of a call (0: none), from its forward arguments."""
+        text = arguments.get("encoder_hidden_states")
+        return text.shape[1] if isinstance(text, torch.Tensor) else 0
+
+    def processor_for(self, name: str, original, kv_slots, layer_index: int):
+        """The processor installed for the attention layer `name` (default: the family's caching
+        processor everywhere; a family whose refiner layers run outside the engine's step keeps theirs)."""
+        return self.make_processor(kv_slots, layer_index)
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -368,11 +411,16 @@ class Adapter:
         """The position_module's output for the image tokens `active` (B, n) only (and all text tokens)."""
         raise NotImplementedError
 
-    def block_streams(self, block, tokens, text, arguments: dict):
-        """(image tokens, text tokens, other arguments, rejoin or None) of a block call, for block-level
-        methods: a block that takes its streams joined is split here, and `rejoin(text, image)` makes its
-        return value. Default: the streams as the block takes them."""
+    def block_streams(self, block, arguments: dict):
+        """(image tokens, text tokens, other arguments, rejoin or None) of a block call's bound arguments,
+        for block-level methods: a block that takes its streams joined is split here, and
+        `rejoin(text, image)` makes its return value. Default: `hidden_states` and `encoder_hidden_states`."""
+        tokens, text = arguments.pop("hidden_states"), arguments.pop("encoder_hidden_states")
         return tokens, text, arguments, None
+
+    def call_block(self, forward, tokens, text, arguments: dict):
+        """Run a block's forward on (image tokens, text); returns what the block returns."""
+        return forward(hidden_states=tokens, encoder_hidden_states=text, **arguments)
 
     def block_arguments(self, arguments: dict, active: torch.Tensor) -> dict:
         """A block's other arguments when it runs only the image tokens `active` (ToCa): per-token ones
@@ -397,12 +445,13 @@ class Adapter:
         context = self.runtime.context  # per thread: a plain call elsewhere cannot change it
         if not accelerated:
             return None  # a plain call: nothing to read
+        timestep = arguments[self.timestep_argument]
         if self.schedule is not None:
-            context.timestep = self.schedule.read(arguments["timestep"], self.timestep_scale)
+            context.timestep = self.schedule.read(timestep, self.to_schedule)
         else:  # a bare transformer: the caller's loop, no scheduler to read
-            context.timestep = timestep_value(arguments["timestep"]) * self.timestep_scale
-        text = arguments.get("encoder_hidden_states")
-        context.text_length = text.shape[1] if text is not None else 0
+            context.timestep = self.to_schedule(timestep_value(timestep))
+        context.text_length = self.text_length(arguments)
+        context.conditional_first = self.conditional_rows_first
         return None
 
     def _after_call(self, module, args, output):
@@ -456,16 +505,16 @@ class Adapter:
 
     def install(self) -> None:
         model = self.model
-        self._original_processors = dict(model.attn_processors)
+        self._original_processors = attention_processors(model)
         processors = {}
         slots = self.runtime.new_kv_slots(len(self._original_processors))
         for index, name in enumerate(self._original_processors):
-            processor = self.make_processor(slots[index], index)
+            processor = self.processor_for(name, self._original_processors[name], slots[index], index)
             backend = getattr(self._original_processors[name], "_attention_backend", None)
             if hasattr(processor, "_attention_backend") and backend is not None:
                 processor._attention_backend = backend  # a backend chosen before enable stays chosen
             processors[name] = processor
-        model.set_attn_processor(processors)
+        set_attention_processors(model, processors)
         self._handles = [
             model.register_forward_pre_hook(self._on_call, with_kwargs=True),
             model.register_forward_hook(self._after_call, always_call=True),
@@ -500,10 +549,10 @@ class Adapter:
             self.runtime.keep_buffers = False
             self.runtime.release_buffers()
         if self._original_processors is not None:
-            current = self.model.attn_processors
+            current = attention_processors(self.model)
             for name, original in self._original_processors.items():
                 backend = getattr(current.get(name), "_attention_backend", None)
                 if backend is not None and hasattr(original, "_attention_backend"):
                     original._attention_backend = backend  # a backend chosen while enabled stays chosen
-            self.model.set_attn_processor(self._original_processors)
+            set_attention_processors(self.model, self._original_processors)
             self._original_processors = None

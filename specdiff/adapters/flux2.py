@@ -143,11 +143,12 @@ class Flux2Adapter(Adapter):
             return arguments
         return {**arguments, "image_rotary_emb": rope_rows(rope, self.runtime.context.text_length, active)}
 
-    def block_streams(self, block, tokens, text, arguments):
+    def block_streams(self, block, arguments):
         """A single block takes the joined [text, image] sequence; block-level methods see it split (the
         block's own `split_hidden_states`) and the forward gets it joined back."""
+        tokens, text, arguments, rejoin = super().block_streams(block, arguments)
         if not isinstance(block, Flux2SingleTransformerBlock) or text is not None:
-            return super().block_streams(block, tokens, text, arguments)
+            return tokens, text, arguments, rejoin
         text_length = self.runtime.context.text_length
         arguments = {**arguments, "split_hidden_states": True, "text_seq_len": None}
         return tokens[:, text_length:], tokens[:, :text_length], arguments, lambda c, x: torch.cat([c, x], dim=1)

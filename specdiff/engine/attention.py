@@ -45,7 +45,7 @@ class AttentionContext(threading.local):
         self.kv_branch: int = -1  # which of each layer's LayerKV slots this call uses; -1: no key/value cache
         self.tap_queries: int = 0  # 0 = no taps this step
         self.tap_include_text: bool = False
-        # (R, N) fp32 attention received by the last R rows of the batch (R < B: a CFG batch's conditional
+        # (R, N) fp32 attention received by R rows of the batch (R < B: a CFG batch's conditional
         # half), summed over layers; None: no taps
         self.tap_sum: torch.Tensor | None = None
         self.tap_seconds: float = 0.0  # host time spent in taps this step (counted as scoring)
@@ -53,7 +53,8 @@ class AttentionContext(threading.local):
         self.text_length: int = 0  # text tokens of the call in progress
         # (cos, sin) rows of the text and active image tokens of this step, for a family whose forward joins
         # its positions after the position module (FLUX.2); None when not picked
-        self.positions: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.positions: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None
+        self.conditional_first: bool = False  # a CFG batch's conditional rows come first (the taps read them)
 
 
 @dataclasses.dataclass
@@ -137,10 +138,10 @@ def tap_attention(
     timed = not torch.compiler.is_compiling()  # a host timer inside traced code would break the graph
     tic = time.perf_counter() if timed else 0.0
     rows = ctx.tap_sum.shape[0]
-    if rows < keys.shape[0]:  # views of the last rows: nothing copied
-        first = keys.shape[0] - rows
-        image_queries, keys = image_queries[first:], keys[first:]
-        text_queries = None if text_queries is None else text_queries[first:]
+    if rows < keys.shape[0]:  # views of the conditional rows (the last, or the first): nothing copied
+        part = slice(0, rows) if ctx.conditional_first else slice(keys.shape[0] - rows, None)
+        image_queries, keys = image_queries[part], keys[part]
+        text_queries = None if text_queries is None else text_queries[part]
     n = image_queries.shape[2]
     m = min(ctx.tap_queries, n)
     if m == n:

@@ -448,7 +448,7 @@ class Runtime:
         self._write_step_scalars(history, dense, timestep, device)
         taps = self.phase == "speculative" or self.policy.needs_attention_after(branch.step, self.num_steps)
         tap_queries = self.policy.tap_queries if taps else 0
-        # with fewer rows than the batch the taps read only the last rows, a CFG batch's conditional half
+        # with fewer rows than the batch the taps read only a CFG batch's conditional half (last, or first)
         cfg_batched = (self.cfg_groups == 2 and batch % 2 == 0
                        and (self.phase == "real" or self.policy.speculative_cfg))
         tap_rows = (batch // 2 if cfg_batched and not self.policy.tap_cfg else batch) if tap_queries > 0 else 0

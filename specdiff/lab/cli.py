@@ -232,8 +232,9 @@ def check_image_size(pipe, height: int | None, width: int | None) -> None:
     """Height and width must be positive multiples of what the model divides them by."""
     from specdiff.lab.embedded.pipeline import ScenePipeline
 
-    patch = pipe.transformer.config.patch_size
-    factor = patch if isinstance(pipe, ScenePipeline) else getattr(pipe, "vae_scale_factor", 8) * 2
+    scene = isinstance(pipe, ScenePipeline)
+    patch = pipe.transformer.config.patch_size if scene else None
+    factor = patch if scene else getattr(pipe, "vae_scale_factor", 8) * 2
     largest = None
     if isinstance(pipe, ScenePipeline):  # its position table covers this many pixels a side
         largest = pipe.transformer.config.pos_embed_max_size * patch

@@ -1,7 +1,7 @@
 """The one way the lab names and loads a model (generate, bench, tune): the embedded models, tiny random
 stock pipelines, or a local diffusers SD3 / SD3.5 / FLUX folder, offline and from safetensors only.
 
-    --model embedded | embedded-v2 | tiny-sd3 | tiny-flux | tiny-flux2 | tiny-qwenimage | tiny-wan | /path/to/folder
+    --model embedded | embedded-v2 | tiny-sd3 | tiny-flux | tiny-flux2 | tiny-qwenimage | tiny-wan | tiny-zimage | /path
 """
 
 from __future__ import annotations
@@ -22,18 +22,21 @@ NAMED_MODELS = {
     "tiny-flux2": "a stock Flux2KleinPipeline (FLUX.2 [klein]) with tiny random weights (smoke runs)",
     "tiny-qwenimage": "a stock QwenImagePipeline with tiny random weights (smoke runs)",
     "tiny-wan": "a stock WanPipeline (text-to-video) with tiny random weights (smoke runs)",
+    "tiny-zimage": "a stock ZImagePipeline with tiny random weights (smoke runs)",
 }
 TINY = {"tiny-sd3": "tiny_sd3_pipeline", "tiny-flux": "tiny_flux_pipeline", "tiny-flux2": "tiny_flux2_klein_pipeline",
         "tiny-qwenimage": "tiny_qwenimage_pipeline",
-        "tiny-wan": "tiny_wan_pipeline"}
+        "tiny-wan": "tiny_wan_pipeline", "tiny-zimage": "tiny_zimage_pipeline"}
 MODEL_HELP = ("one of " + ", ".join(NAMED_MODELS) + ", or a local diffusers SD3 / SD3.5 / FLUX.1 / FLUX.2 / Qwen-Image / "
-              "Wan folder")
+              "Wan / Z-Image folder")
 
 
 def call_defaults(model: str | None) -> dict:
     """Pipeline call arguments a named model needs (the tiny pipelines' small images)."""
     if model == "tiny-wan":
         return dict(height=64, width=64, num_frames=5, max_sequence_length=16)
+    if model == "tiny-zimage":
+        return dict(height=64, width=64, max_sequence_length=32)
     if model == "tiny-flux2":  # its text encoder has one layer
         return dict(height=64, width=64, text_encoder_out_layers=(1, 1, 1), max_sequence_length=16)
     return dict(height=64, width=64) if model in TINY else {}
@@ -82,7 +85,7 @@ def load_pipeline(model: str | None, device: str, dtype_name: str = "float32"):
     except (ValueError, AttributeError, OSError) as error:
         raise ModelLoadError(f"--model {model}: model_index.json is not a readable JSON object ({error})") from None
     supported = ("StableDiffusion3Pipeline", "FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline", "QwenImagePipeline",
-                 "WanPipeline")
+                 "WanPipeline", "ZImagePipeline")
     if class_name not in supported:
         raise ModelLoadError(f"--model {model}: {class_name or 'unknown'} pipeline is not supported; supported: {', '.join(supported)}")
     import diffusers

@@ -230,6 +230,32 @@ def tiny_flux2_klein_pipeline(width: int = 32, double_layers: int = 1, single_la
                                     transformer=transformer, is_distilled=False))
 
 
+def tiny_zimage_pipeline(width: int = 32, layers: int = 2, heads: int = 2, seed: int = 0):
+    """A ZImagePipeline with random weights: a two-layer Qwen3 text encoder (the pipeline reads its
+    second-to-last hidden states) with a byte tokenizer and a chat template, a small VAE, patches of 2 x 2,
+    one refiner layer per stream. Classifier-free guidance: [conditional, unconditional] rows of one call."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    head_dim = width // heads
+    axes = (head_dim - 2 * (head_dim // 8 * 3), head_dim // 8 * 3, head_dim // 8 * 3)
+    transformer = ZImageTransformer2DModel(in_channels=4, dim=width, n_layers=layers, n_refiner_layers=1,
+                                           n_heads=heads, n_kv_heads=heads, cap_feat_dim=16, axes_dims=list(axes),
+                                           axes_lens=[64, 32, 32])
+    tokenizer = _qwen_tokenizer()
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    vocab = len(tokenizer)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=2048, bos_token_id=vocab - 3,
+        eos_token_id=vocab - 3, pad_token_id=vocab - 3))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return _eval(ZImagePipeline(scheduler=scheduler, vae=_vae(4, shift_factor=0.0), text_encoder=text_encoder,
+                                tokenizer=tokenizer, transformer=transformer))
+
+
 def save_tiny_clip(folder) -> None:
     """A tiny random CLIPModel + CLIPProcessor saved to `folder` (for testing the CLIP score offline)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
