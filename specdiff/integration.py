@@ -35,7 +35,8 @@ from specdiff.policies.specdiff import SpecDiffConfig
 ADAPTERS: tuple[type[Adapter], ...] = (SD3Adapter, FluxAdapter, Flux2Adapter, QwenImageAdapter, WanAdapter,
                                        ZImageAdapter)
 SUPPORTED = ("diffusers SD3Transformer2DModel (SD3, SD3.5, the embedded model), FluxTransformer2DModel (FLUX.1), "
-             "Flux2Transformer2DModel (FLUX.2 [dev] / [klein]), QwenImageTransformer2DModel (Qwen-Image) and WanTransformer3DModel (Wan 2.1 / 2.2 text-to-video)")
+             "Flux2Transformer2DModel (FLUX.2 [dev] / [klein]), QwenImageTransformer2DModel (Qwen-Image), "
+             "WanTransformer3DModel (Wan 2.1 / 2.2 text-to-video) and ZImageTransformer2DModel (Z-Image)")
 
 _STATE_ATTR = "_specdiff_state"
 # The last summary of each transformer, still readable after disable (weak: kept no longer than the model).
@@ -143,7 +144,7 @@ def enable(obj, config: PolicyConfig | None = None, *, num_inference_steps: int 
     transformer, pipeline = _transformer_of(obj)
     second = getattr(pipeline, "transformer_2", None) if pipeline is not None else None
     second = second if isinstance(second, torch.nn.Module) else None
-    if second is not None and type(_adapter_for(second)) is not type(_adapter_for(transformer)):
+    if second is not None and _adapter_for(second) is not _adapter_for(transformer):
         raise UnsupportedModelError(f"{type(pipeline).__name__}'s transformer_2 is a {type(second).__name__}, of "
                                     f"another family than its transformer ({type(transformer).__name__})")
     if cfg_batch and pipeline is not None:

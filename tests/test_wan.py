@@ -90,3 +90,12 @@ def test_per_token_timesteps_and_image_inputs_are_refused(wan):
         assert out.shape == latents.shape
     finally:
         specdiff.disable(transformer)
+
+
+def test_a_second_transformer_of_another_family_is_refused_before_any_work(wan):
+    from specdiff.lab.tiny_pipelines import tiny_flux_pipeline
+
+    mixed = type(wan)(**{**wan.components, "transformer_2": tiny_flux_pipeline().transformer}, boundary_ratio=0.5)
+    with pytest.raises(specdiff.UnsupportedModelError, match="transformer_2 is a FluxTransformer2DModel"):
+        specdiff.enable(mixed, specdiff.SpecDiffConfig())
+    assert not specdiff.is_enabled(mixed) and not specdiff.is_enabled(wan)
