@@ -403,7 +403,7 @@ def _accelerated_call(pipe, *args, **kwargs):
             )
         other = _other_cache(member.adapter.model)
         if other is not None:
-            raise RuntimeError(f"{other} was installed on pipe.{name} after specdiff.enable; two caches would "
+            raise RuntimeError(f"{other} was installed on this transformer after specdiff.enable (pipe.{name}); two caches would "
                                "each skip work the other relies on: remove it, or specdiff.disable(pipe)")
     if state.second is None and isinstance(getattr(pipe, "transformer_2", None), torch.nn.Module):
         raise RuntimeError("pipe.transformer_2 was set after specdiff.enable; call specdiff.disable(pipe), then "

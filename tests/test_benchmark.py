@@ -180,14 +180,15 @@ def test_missing_clip_model_or_short_prompt_file_fails_before_writing(tmp_path, 
 
 def test_other_sizes_skip_the_checker_and_bad_sizes_are_refused(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["bench", "--methods", "full", "specdiff:speculative_steps=0", "--num-prompts", "1", "--steps", "4",
-                 "--height", "48", "--width", "32", "--out", str(out)]) == 0
+    assert main(["bench", "--model", "embedded", "--methods", "full", "specdiff:speculative_steps=0", "--num-prompts",
+                 "1", "--steps", "4", "--height", "48", "--width", "32", "--out", str(out)]) == 0
     assert "checker reads 32 x 32 scenes only" in capsys.readouterr().out
     data = json.loads((out / "results.json").read_text())
     assert (data["meta"]["height"], data["meta"]["width"]) == (48, 32)
     assert "align_exact_scene" not in data["summary"][0]
     bad = tmp_path / "bad"
-    assert main(["bench", "--methods", "full", "--num-prompts", "1", "--height", "33", "--out", str(bad)]) == 2
+    assert main(["bench", "--model", "embedded", "--methods", "full", "--num-prompts", "1", "--height", "33", "--out",
+                 str(bad)]) == 2
     assert "--height must be a positive multiple of 2" in capsys.readouterr().err
     assert main(["bench", "--methods", "full", "--height", "0", "--out", str(bad)]) == 2
     assert not bad.exists()

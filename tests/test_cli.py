@@ -170,23 +170,32 @@ def test_progress_bars_are_labelled_and_the_model_line_names_the_model_as_given(
 
 
 def test_a_busy_machine_gets_fewer_threads_and_says_so(monkeypatch, tmp_path, capsys):
-    from specdiff.lab.cli import threads_for_a_busy_machine
-
-    assert threads_for_a_busy_machine(2, load=0.2, cores=2) is None
-    assert threads_for_a_busy_machine(2, load=1.0, cores=2)[0] == 1
-    assert threads_for_a_busy_machine(8, load=5.0, cores=8)[0] == 3
-    assert threads_for_a_busy_machine(1, load=9.0, cores=2) is None  # one thread is the least
-    import os
-
+    import psutil
     import torch
 
-    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 7.0, 7.0))
+    from specdiff.lab.cli import threads_for_a_busy_machine
+
+    assert threads_for_a_busy_machine(2, busy=0.2, cores=2) is None
+    assert threads_for_a_busy_machine(2, busy=1.0, cores=2)[0] == 1
+    assert threads_for_a_busy_machine(8, busy=5.0, cores=8)[0] == 3
+    assert threads_for_a_busy_machine(1, busy=9.0, cores=2) is None  # one thread is the least
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval=None: 90.0)  # others use 90 % of every core
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 4)
     before = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
         assert main(["generate", "a small blue ring in the center on a black background", "--steps", "2",
                      "--device", "cpu", "--out", str(tmp_path / "out"), "--quiet"]) == 0
-        err = capsys.readouterr().err
-        if before > 1:
-            assert "the machine is busy (load 7.5" in err and torch.get_num_threads() == 1
+        assert "the machine is busy (other work uses 3.6 of 4 cores)" in capsys.readouterr().err
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_every_named_model_is_in_the_help_and_the_default_is_one_place():
+    from specdiff.lab.evaluation.bench_args import MODEL_CHOICES, build_parser
+    from specdiff.lab.loading import DEFAULT_MODEL, NAMED_MODELS
+
+    assert all(name in MODEL_CHOICES for name in NAMED_MODELS)
+    assert MODEL_CHOICES.startswith(f"{DEFAULT_MODEL} (the default)")
+    assert build_parser().parse_args([]).model == DEFAULT_MODEL

@@ -475,9 +475,11 @@ def _cli_cases(tmp_path):
         (["generate", "x", "--cache-ratio", "nan"], "cache_ratio"),
         (["generate", "x", "--method", "toca", "--recompute-ratio", "nan"], "recompute_ratio"),
         (["generate", "x", "--out", str(blocker / "sub")], "not a writable folder"),
-        (["generate", "x", "--height", "33"], "multiple of 2"),
+        (["generate", "x", "--height", "33"], "multiple of 4"),  # the default model (v2): patch 4
+        (["generate", "x", "--model", "embedded", "--height", "33"], "multiple of 2"),
         (["generate", "x", "--height", "-32"], "--height"),
-        (["generate", "x", "--height", "128"], "at most 64"),
+        (["generate", "x", "--height", "256"], "at most 128"),  # v2: a position table of 32 x 32 patches of 4
+        (["generate", "x", "--model", "embedded", "--height", "128"], "at most 64"),
         (["generate", "x", "--width", "0"], "--width"),
         (["generate", "x", "--seed", str(2**70)], "--seed"),
         (["generate", "x", "--device", "bogus"], "--device"),

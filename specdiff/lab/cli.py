@@ -172,19 +172,20 @@ def _save(image, path: Path, scale: int) -> None:
     picture.save(path)
 
 
-def threads_for_a_busy_machine(threads: int, load: float | None = None, cores: int | None = None):
-    """(threads, why) when other work leaves fewer free cores than `threads` (free = cores less the
-    1-minute load average), else None: fewer threads then, at least one."""
-    try:
-        load = os.getloadavg()[0] if load is None else load
-    except OSError:  # not available on this platform
-        return None
-    cores = cores or os.cpu_count() or 1
-    free = cores - load
+def threads_for_a_busy_machine(threads: int, busy: float | None = None, cores: int | None = None):
+    """(threads, why) when other work leaves fewer free cores than `threads`, else None: fewer threads
+    then, at least one. `busy`: cores in use by others, measured over 0.3 s while this process waits
+    (a load average would count this process's own past runs)."""
+    import psutil
+
+    cores = cores or psutil.cpu_count() or 1
+    if busy is None:
+        busy = psutil.cpu_percent(interval=0.3) / 100 * cores
+    free = cores - busy
     if free >= threads - 0.5:
         return None
     fewer = max(1, int(free + 0.5))
-    return (fewer, f"the machine is busy (load {load:.1f} on {cores} cores)") if fewer < threads else None
+    return (fewer, f"the machine is busy (other work uses {busy:.1f} of {cores} cores)") if fewer < threads else None
 
 
 def check_output_folder(path: str, option: str = "--out") -> Path:
@@ -300,15 +301,15 @@ def cmd_generate(args) -> int:
         if args.threads < 1:
             raise CLIError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    elif args.device == "cpu":
+    pipe, description = load_pipeline(args.model, args.device, args.dtype)
+    check_image_size(pipe, args.height, args.width)
+    if args.threads is None and args.device == "cpu":
         busy = threads_for_a_busy_machine(torch.get_num_threads())
         if busy is not None:  # threads that wait for busy cores make a run several times slower, not faster
             threads, why = busy
             torch.set_num_threads(threads)
             print(f"note: {why}: running on {threads} torch thread{'s' * (threads > 1)} (--threads N to choose)",
                   file=sys.stderr)
-    pipe, description = load_pipeline(args.model, args.device, args.dtype)
-    check_image_size(pipe, args.height, args.width)
     if isinstance(pipe, ScenePipeline):
         from specdiff.lab.embedded.scenes import suggestion, unknown_words
 
@@ -538,7 +539,7 @@ def build_parser(method_options: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"specdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from specdiff.lab.evaluation.bench_args import add_threads_option
+    from specdiff.lab.evaluation.bench_args import MODEL_CHOICES, add_threads_option
     from specdiff.lab.embedded.scenes import vocabulary_help
 
     gen = sub.add_parser(
@@ -559,8 +560,7 @@ def build_parser(method_options: bool = True) -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
     gen.add_argument("--seed", type=int, default=0, help="random seed of the initial noise (default 0)")
     gen.add_argument("--repeats", type=int, default=3, help="--compare: timed pairs (median and range are reported)")
-    gen.add_argument("--model", default="embedded",
-                     help="embedded (default), embedded-v2, tiny-sd3, tiny-flux, or a local diffusers SD3 / SD3.5 / FLUX folder")
+    gen.add_argument("--model", default="embedded-v2", help=MODEL_CHOICES)
     gen.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                      help="weights and activations (default float32)")

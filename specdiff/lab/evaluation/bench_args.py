@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+# kept in step with specdiff.lab.loading (not imported here: `specdiff --help` must start fast)
+MODEL_CHOICES = ("embedded-v2 (the default), embedded, tiny-sd3, tiny-flux, tiny-flux2, tiny-qwenimage, tiny-wan, "
+                 "tiny-zimage, or a local diffusers folder")
+
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     """--threads, shared by generate and bench."""
@@ -13,7 +17,7 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="embedded", help="embedded (default), embedded-v2, tiny-sd3, tiny-flux, tiny-flux2, tiny-qwenimage, tiny-wan, tiny-zimage, or a local folder")
+    p.add_argument("--model", default="embedded-v2", help=MODEL_CHOICES)
     p.add_argument("--methods", nargs="+", default=["full", "specdiff"],
                    help="method[:key=value,...]; full compute is always included as the reference")
     p.add_argument("--num-prompts", type=int, default=16, help="prompts to generate with every method")
@@ -43,7 +47,7 @@ def build_tune_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True,
                    help='METRIC>=VALUE or METRIC>=full-X: psnr>=30, ssim>=0.9, alignment>=full-2 (embedded '
                         'models; percent), clip>=full-0.5 (needs --clip-model)')
-    p.add_argument("--model", default="embedded", help="embedded, embedded-v2, tiny-sd3, tiny-flux, tiny-flux2, tiny-qwenimage, tiny-wan, tiny-zimage, or a local folder")
+    p.add_argument("--model", default="embedded-v2", help=MODEL_CHOICES)
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="one prompt per line: the first --calibration for the search, the next --verify to check "
                         "(default: the embedded model's held-out scenes)")
