@@ -435,3 +435,23 @@ def test_compile_variants_counts_graphs_per_method():
         assert result["total"] == sum(result["counts"].values())
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-flux2"])  # one where diffusers-fbc runs, one where it cannot
+def test_diffusers_peers_run_beside_specdiff_on_the_newer_families(model, tmp_path, capsys):
+    """diffusers' TaylorSeer cache runs on every family in the same table; its FirstBlockCache where
+    diffusers' hook supports the transformer, else a one-line refusal before any generation."""
+    out = tmp_path / "out"
+    code = main(["bench", "--model", model, "--methods", "full", "specdiff", "diffusers-taylorseer", "--num-prompts", "1",
+                 "--steps", "4", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["summary"]
+    assert [r["method"] for r in rows] == ["full", "specdiff", "diffusers-taylorseer"]
+    capsys.readouterr()
+    code = main(["bench", "--model", model, "--methods", "full", "diffusers-fbc", "--num-prompts", "1", "--steps", "4",
+                 "--out", str(tmp_path / "fbc")])
+    if model in ("tiny-flux2", "tiny-zimage"):
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and "diffusers-fbc cannot run on" in err[-1] and not (tmp_path / "fbc").exists()
+    else:
+        assert code == 0

@@ -33,9 +33,13 @@ def check_peer(pipe, name: str) -> None:
         if not isinstance(pipe.transformer, CacheMixin):
             raise ValueError(
                 f"diffusers-fbc cannot run on {type(pipe.transformer).__name__}: diffusers' FirstBlockCache needs "
-                "a transformer with its CacheMixin (FLUX here); on SD3-family models it hooks the last block, "
-                "which returns no text stream"
+                "a transformer with its CacheMixin (FLUX.1, FLUX.2, Qwen-Image, Wan here); on SD3-family models it "
+                "hooks the last block, which returns no text stream"
             )
+        if type(pipe.transformer).__name__ == "Flux2Transformer2DModel":
+            # measured with diffusers 0.42: its hook subtracts a list from a tensor at the first step
+            raise ValueError("diffusers-fbc cannot run on Flux2Transformer2DModel: diffusers' FirstBlockCache fails "
+                             "inside its hook on FLUX.2's blocks (TypeError); use diffusers-taylorseer here")
 
 
 @contextlib.contextmanager
@@ -88,8 +92,9 @@ def diffusers_cache(pipe, name: str, fields: dict):
     elif name == "diffusers-fbc":
         if not has_mixin:
             raise ValueError(
-                "diffusers-fbc runs on FLUX only here: on SD3-family transformers diffusers' FirstBlockCache "
-                "hooks the last block, which returns no text stream"
+                "diffusers-fbc runs only on transformers with diffusers' CacheMixin (FLUX only here of the SD3 / "
+                "FLUX pair): on SD3-family transformers diffusers' FirstBlockCache hooks the last block, which "
+                "returns no text stream"
             )
         config = FirstBlockCacheConfig(**fields)
         hook_name = None
