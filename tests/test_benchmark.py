@@ -455,3 +455,13 @@ def test_diffusers_peers_run_beside_specdiff_on_the_newer_families(model, tmp_pa
         assert code == 2 and "diffusers-fbc cannot run on" in err[-1] and not (tmp_path / "fbc").exists()
     else:
         assert code == 0
+
+
+def test_compile_families_traces_zimage_whole_and_exact():
+    """The family whose step is planned outside its compiled layers and gathered just before the first:
+    its layers compile with fullgraph=True (a graph break fails the row) and give the eager output.
+    Every family's row: `python benchmarks/compile_families.py` (BENCHMARKS.md section 18)."""
+    compile_families = _load_benchmark("compile_families")
+    row = compile_families.check("zimage", "ras")
+    assert row["fullgraph"], row["error"]
+    assert row["blocks"] == 4 and row["max_difference"] == 0.0

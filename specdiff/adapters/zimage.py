@@ -4,8 +4,9 @@ The stock forward takes lists (one latent and one caption per sample), embeds th
 to a multiple of 32) and refines them in `noise_refiner` layers, refines the caption in
 `context_refiner` layers, joins both per sample into one padded sequence with a key mask, runs the main
 `layers`, then the final layer over the whole sequence. The engine's step spans the main layers: it is
-planned just before the first one, where the image tokens that run are gathered and the complex RoPE
-rows of [those tokens, caption] picked once into the context, and the image rows of the final layer's
+planned at the caption embedding (outside the compiled blocks: the call's sizes are known there), the
+image tokens that run are gathered just before the first main layer (traceable: a gather), each
+layer's processor picks the RoPE rows of the tokens it runs, and the image rows of the final layer's
 output are filled in before unpatchifying. The refiner layers keep their stock processors (they run
 every token, before the step). ZImagePipeline batches classifier-free guidance as [conditional,
 unconditional] rows of one call (`guidance_scale > 0`). Refused: omni mode (SigLIP image conditioning),
@@ -54,12 +55,12 @@ class ZImageTokenCachingProcessor(TokenCachingProcessor):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
+        text_len = ctx.text_length  # the caption and the batch padding after the image tokens
         if freqs_cis is not None:
-            if ctx.enabled and ctx.positions is not None:  # a sparse step: the rows of its tokens, in order
-                freqs_cis = ctx.positions
+            if ctx.enabled and ctx.active is not None:  # every token's rows come in: those of the tokens that run
+                freqs_cis = gather_image_rows(freqs_cis, freqs_cis.shape[1] - text_len, ctx.active)
             q, k = rotate(q, freqs_cis), rotate(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-        text_len = ctx.text_length  # the caption and the batch padding after the image tokens
         image_len = q.shape[2] - text_len
         if ctx.enabled and ctx.kv_branch >= 0:
             k, v = joint_kv(ctx, self.kv_slots, k[:, :, :image_len], v[:, :, :image_len], k[:, :, image_len:],
@@ -146,11 +147,10 @@ class ZImageAdapter(Adapter):
         return out[:, tokens.shape[1]:], out[:, :tokens.shape[1]]  # (text, image), as block-level methods read
 
     def block_arguments(self, arguments: dict, active: torch.Tensor) -> dict:
-        """A subset of the image tokens through a layer (ToCa): its RoPE rows and key-mask entries."""
+        """A subset of the image tokens through a layer (ToCa): its key-mask entries (the processor picks
+        the RoPE rows itself)."""
         changed = dict(arguments)
         image_tokens = self._call.image_tokens
-        if arguments.get("freqs_cis") is not None:
-            changed["freqs_cis"] = gather_image_rows(arguments["freqs_cis"], image_tokens, active)
         if arguments.get("attn_mask") is not None:
             mask = arguments["attn_mask"].unsqueeze(-1)
             changed["attn_mask"] = gather_image_rows(mask, image_tokens, active).squeeze(-1)
@@ -159,30 +159,34 @@ class ZImageAdapter(Adapter):
     # -- hooks: plan before the first main layer, fill at the final layer ---------------------------
     def step_hooks(self, model) -> list:
         handles = [model.register_forward_pre_hook(self._remember_call, with_kwargs=True),
-                   model.layers[0].register_forward_pre_hook(self._plan_step, with_kwargs=True)]
+                   model.cap_embedder.register_forward_hook(self._plan_step),
+                   model.layers[0].register_forward_pre_hook(self._gather_tokens, with_kwargs=True)]
         handles += [layer.register_forward_hook(self._fill_step) for layer in model.all_final_layer.values()]
         return handles
 
     def _remember_call(self, module, args, kwargs):
         arguments = self._signature.bind(module, *args, **kwargs).arguments
         self._call.image_tokens = self.image_tokens(arguments)
+        self._call.batch = len(arguments["x"])
+        captions = [len(c) + (-len(c)) % SEQUENCE_MULTIPLE for c in arguments["cap_feats"]]
+        # the joined sequence: image tokens, then the longest padded caption (shorter ones: batch padding)
+        self._call.text_length = max(captions)
         return None
 
-    def _plan_step(self, module, args, kwargs):
-        arguments = dict(zip(("x", "attn_mask", "freqs_cis"), args), **kwargs)
-        sequence, freqs = arguments["x"], arguments["freqs_cis"]
-        image_tokens = self._call.image_tokens
+    def _plan_step(self, module, args, embedded):
         context = self.runtime.context
-        context.positions = None
-        context.text_length = sequence.shape[1] - image_tokens
-        active = self.runtime.begin_step(context.timestep, sequence.shape[0], image_tokens, sequence.device)
-        if active is None:
+        context.text_length = self._call.text_length
+        self.runtime.begin_step(context.timestep, self._call.batch, self._call.image_tokens, embedded.device)
+        return None
+
+    def _gather_tokens(self, module, args, kwargs):
+        context = self.runtime.context
+        if not context.enabled or context.active is None:
             return None
-        context.positions = gather_image_rows(freqs, image_tokens, active)
-        gathered = gather_image_rows(sequence, image_tokens, active)
+        image_tokens = self._call.image_tokens
         if args:
-            return (gathered, *args[1:]), kwargs
-        return args, {**kwargs, "x": gathered}
+            return (gather_image_rows(args[0], image_tokens, context.active), *args[1:]), kwargs
+        return args, {**kwargs, "x": gather_image_rows(kwargs["x"], image_tokens, context.active)}
 
     def _fill_step(self, module, args, output):
         context = self.runtime.context
@@ -190,5 +194,4 @@ class ZImageAdapter(Adapter):
             return output
         image_len = output.shape[1] - context.text_length
         filled = self.runtime.end_step(output[:, :image_len])
-        context.positions = None
         return torch.cat([filled, output[:, image_len:]], dim=1)
