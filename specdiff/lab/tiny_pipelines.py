@@ -1,4 +1,4 @@
-"""Stock StableDiffusion3Pipeline / FluxPipeline / QwenImagePipeline objects with tiny random weights, built offline.
+"""Stock SD3 / FLUX.1 / FLUX.2 [klein] / Qwen-Image / Wan / Z-Image pipelines with tiny random weights, built offline.
 
 For tests and engine benchmarks: the pipeline code is diffusers' own; only
 the components are small. Tokenizers are built in memory from a character
@@ -153,7 +153,7 @@ def tiny_qwenimage_pipeline(width: int = 32, layers: int = 2, heads: int = 2, se
     """A QwenImagePipeline with random weights: a one-layer Qwen2.5-VL text encoder with a byte tokenizer, a
     small Qwen-Image VAE (downsamples by 4), latents packed 2 x 2. Classifier-free guidance is
     `true_cfg_scale` with a `negative_prompt` (a second transformer call per step)."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
     head_dim = width // heads
@@ -165,9 +165,7 @@ def tiny_qwenimage_pipeline(width: int = 32, layers: int = 2, heads: int = 2, se
                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     tokenizer = _qwen_tokenizer()
     return _eval(QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
-        vae=vae, text_encoder=_qwen_text_encoder(len(tokenizer), 16), tokenizer=tokenizer, transformer=transformer))
+        scheduler=_dynamic_shift_scheduler(), vae=vae, text_encoder=_qwen_text_encoder(len(tokenizer), 16), tokenizer=tokenizer, transformer=transformer))
 
 
 def tiny_wan_pipeline(width: int = 24, layers: int = 2, heads: int = 2, seed: int = 0, two_stage: bool = False):
@@ -199,14 +197,34 @@ _CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }
                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def _qwen3_text_stack(layers: int):
+    """(tokenizer with a chat template, Qwen3 text encoder of `layers` layers), both tiny, in memory."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _qwen_tokenizer()
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    vocab = len(tokenizer)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=2048, bos_token_id=vocab - 3,
+        eos_token_id=vocab - 3, pad_token_id=vocab - 3))
+    return tokenizer, text_encoder
+
+
+def _dynamic_shift_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
+
+
 def tiny_flux2_klein_pipeline(width: int = 32, double_layers: int = 1, single_layers: int = 2, heads: int = 2,
                               seed: int = 0):
     """A Flux2KleinPipeline (FLUX.2 [klein]) with random weights: a one-layer Qwen3 text encoder with a byte
     tokenizer and a chat template, a small FLUX.2 VAE, latents packed 2 x 2. Classifier-free guidance is a
     second transformer call per step (`cache_context("uncond")`). Call it with text_encoder_out_layers=(1, 1, 1)
     (the text encoder has one layer) and a short max_sequence_length."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 
     torch.manual_seed(seed)
     head_dim = width // heads
@@ -217,16 +235,8 @@ def tiny_flux2_klein_pipeline(width: int = 32, double_layers: int = 1, single_la
     vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16),
                              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                              layers_per_block=1, norm_num_groups=8, sample_size=64)
-    tokenizer = _qwen_tokenizer()
-    tokenizer.chat_template = _CHAT_TEMPLATE
-    vocab = len(tokenizer)
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=2048, bos_token_id=vocab - 3,
-        eos_token_id=vocab - 3, pad_token_id=vocab - 3))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    return _eval(Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    tokenizer, text_encoder = _qwen3_text_stack(layers=1)
+    return _eval(Flux2KleinPipeline(scheduler=_dynamic_shift_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                     transformer=transformer, is_distilled=False))
 
 
@@ -234,8 +244,7 @@ def tiny_zimage_pipeline(width: int = 32, layers: int = 2, heads: int = 2, seed:
     """A ZImagePipeline with random weights: a two-layer Qwen3 text encoder (the pipeline reads its
     second-to-last hidden states) with a byte tokenizer and a chat template, a small VAE, patches of 2 x 2,
     one refiner layer per stream. Classifier-free guidance: [conditional, unconditional] rows of one call."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
     torch.manual_seed(seed)
     head_dim = width // heads
@@ -243,16 +252,8 @@ def tiny_zimage_pipeline(width: int = 32, layers: int = 2, heads: int = 2, seed:
     transformer = ZImageTransformer2DModel(in_channels=4, dim=width, n_layers=layers, n_refiner_layers=1,
                                            n_heads=heads, n_kv_heads=heads, cap_feat_dim=16, axes_dims=list(axes),
                                            axes_lens=[64, 32, 32])
-    tokenizer = _qwen_tokenizer()
-    tokenizer.chat_template = _CHAT_TEMPLATE
-    vocab = len(tokenizer)
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=2048, bos_token_id=vocab - 3,
-        eos_token_id=vocab - 3, pad_token_id=vocab - 3))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    return _eval(ZImagePipeline(scheduler=scheduler, vae=_vae(4, shift_factor=0.0), text_encoder=text_encoder,
+    tokenizer, text_encoder = _qwen3_text_stack(layers=2)
+    return _eval(ZImagePipeline(scheduler=_dynamic_shift_scheduler(), vae=_vae(4, shift_factor=0.0), text_encoder=text_encoder,
                                 tokenizer=tokenizer, transformer=transformer))
 
 
