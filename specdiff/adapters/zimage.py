@@ -92,7 +92,7 @@ class ZImageAdapter(Adapter):
 
     def __init__(self, model, runtime) -> None:
         super().__init__(model, runtime)
-        self._call = threading.local()  # this call's image token count, until its step is planned
+        self._call = threading.local()  # this call's sizes (image tokens, batch, padded caption), read by its hooks
 
     @staticmethod
     def cfg_groups(arguments: dict) -> int:
