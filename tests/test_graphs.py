@@ -13,7 +13,7 @@ from conftest import outputs as pipeline_outputs
 from emulated_graphs import SyncCounter, emulate_graphs
 from specdiff.integration import _state_of
 
-STEPS = 8
+STEPS = 6
 TOKEN_LEVEL = {
     "specdiff": specdiff.SpecDiffConfig(warmup_steps=2, reset_steps=(5,)),
     "ras": specdiff.RASConfig(warmup_steps=2, cache_ratio=0.7),

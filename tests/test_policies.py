@@ -14,7 +14,7 @@ from conftest import generate as shared_generate
 from specdiff.lab.tiny_pipelines import (tiny_flux2_klein_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline,
                                         tiny_sd3_pipeline, tiny_wan_pipeline, tiny_zimage_pipeline)
 
-STEPS = 8
+STEPS = 6
 ALWAYS_COMPUTE = {
     "specdiff": specdiff.SpecDiffConfig(cache_ratio=0.0, warmup_steps=1),
     "specdiff-study": SpecDiffStudyConfig(cache_ratio=0.0, warmup_steps=1, importance="change"),
