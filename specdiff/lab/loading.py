@@ -1,5 +1,5 @@
 """The one way the lab names and loads a model (generate, bench, tune): the embedded models, tiny random
-stock pipelines, or a local diffusers SD3 / SD3.5 / FLUX folder, offline and from safetensors only.
+stock pipelines, or a local diffusers folder of a supported family, offline and from safetensors only.
 
     --model embedded | embedded-v2 | tiny-sd3 | tiny-flux | tiny-flux2 | tiny-qwenimage | tiny-wan | tiny-zimage | /path
 """
