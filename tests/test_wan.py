@@ -99,3 +99,15 @@ def test_a_second_transformer_of_another_family_is_refused_before_any_work(wan):
     with pytest.raises(specdiff.UnsupportedModelError, match="transformer_2 is a FluxTransformer2DModel"):
         specdiff.enable(mixed, specdiff.SpecDiffConfig())
     assert not specdiff.is_enabled(mixed) and not specdiff.is_enabled(wan)
+
+
+def test_a_two_stage_pipeline_runs_the_graph_path_in_both_stages(two_stage):
+    """cuda_graphs="eager" (the graph path's static buffers and kinds of call, no capture on a CPU) on
+    both transformers: every generation equals the plain accelerated one."""
+    config = specdiff.SpecDiffConfig(cache_ratio=0.75, warmup_steps=1, reset_steps=())
+    with specdiff.accelerated(two_stage, config):
+        expected = _video(two_stage)
+    with specdiff.accelerated(two_stage, config, cuda_graphs="eager"):
+        assert two_stage.transformer_2._specdiff_state.adapter.graphs is not None
+        for _ in range(2):
+            torch.testing.assert_close(_video(two_stage), expected, rtol=1e-5, atol=1e-5)
