@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should run, as one prepared call (at most 10 minutes; each stage has its own timeout, and
+# Everything a GPU run should measure, as one prepared call (at most 10 minutes; each stage has its own timeout, and
 # whatever a stage wrote under $OUT comes back even if a later one runs out of time). Speed first:
 #   1. whole SD3-medium generations (real config, random weights, bf16, 1024 px, 28 steps): eager and compiled
 #      stock, the CUDA-graph path (full compute, SpecDiff, RAS 0.9), SpecDiff eager, compiled SpecDiff with

