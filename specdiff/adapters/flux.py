@@ -40,6 +40,22 @@ def rope_rows(rope, text_len: int, active: torch.Tensor | None):
     )
 
 
+def attend_text_first(processor, q, k, v, text_len: int) -> torch.Tensor:
+    """Attention over a [text, image] sequence (q, k, v: (B, S, H, D), positions applied), with the image
+    keys / values of every token from the engine's cache and the taps; (B, S, H * D) in q's dtype. Shared
+    by the FLUX.1 and FLUX.2 processors (diffusers' dispatcher: `set_attention_backend` is honoured)."""
+    ctx = processor.context
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+    if ctx.enabled and ctx.kv_branch >= 0:  # joint order [text, image]; image keys of every token on sparse steps
+        k, v = joint_kv(ctx, processor.kv_slots, k[:, :, text_len:], v[:, :, text_len:], k[:, :, :text_len],
+                        v[:, :, :text_len], text_first=True)
+    if ctx.enabled:
+        tap_attention(ctx, processor.tap_offset, q[:, :, text_len:], q[:, :, :text_len], k, slice(text_len, None))
+    out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                backend=processor._attention_backend, parallel_config=processor._parallel_config)
+    return out.flatten(2, 3).to(q.dtype)
+
+
 class FluxTokenCachingProcessor(TokenCachingProcessor):
     """FluxAttnProcessor's math, with image keys/values read from the engine's cache.
 
@@ -82,15 +98,7 @@ class FluxTokenCachingProcessor(TokenCachingProcessor):
         if image_rotary_emb is not None:  # the rows of this call's tokens: FluxAdapter picks them outside the blocks
             cos, sin = image_rotary_emb
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-        if ctx.enabled and ctx.kv_branch >= 0:  # joint order [text, image]; image keys of every token on sparse steps
-            k, v = joint_kv(ctx, self.kv_slots, k[:, :, text_len:], v[:, :, text_len:], k[:, :, :text_len],
-                            v[:, :, :text_len], text_first=True)
-        if ctx.enabled:
-            tap_attention(ctx, self.tap_offset, q[:, :, text_len:], q[:, :, :text_len], k, slice(text_len, None))
-        out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                    backend=self._attention_backend, parallel_config=self._parallel_config)
-        out = out.flatten(2, 3).to(q.dtype)
+        out = attend_text_first(self, q, k, v, text_len)
         if joint_input:
             return out
         text_out, image_out = out[:, :text_len], out[:, text_len:]

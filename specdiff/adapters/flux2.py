@@ -18,12 +18,10 @@ import threading
 
 import torch
 from diffusers import Flux2Transformer2DModel
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock
 
 from specdiff.adapters.base import Adapter, TokenCachingProcessor
-from specdiff.adapters.flux import apply_rope, rope_rows
-from specdiff.engine.attention import joint_kv, tap_attention
+from specdiff.adapters.flux import apply_rope, attend_text_first, rope_rows
 
 
 class Flux2TokenCachingProcessor(TokenCachingProcessor):
@@ -67,15 +65,7 @@ class Flux2TokenCachingProcessor(TokenCachingProcessor):
             if ctx.enabled and ctx.positions is not None:  # a sparse step: the rows of its tokens, in their order
                 cos, sin = ctx.positions
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-        if ctx.enabled and ctx.kv_branch >= 0:
-            k, v = joint_kv(ctx, self.kv_slots, k[:, :, text_len:], v[:, :, text_len:], k[:, :, :text_len],
-                            v[:, :, :text_len], text_first=True)
-        if ctx.enabled:
-            tap_attention(ctx, self.tap_offset, q[:, :, text_len:], q[:, :, :text_len], k, slice(text_len, None))
-        out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                    backend=self._attention_backend, parallel_config=self._parallel_config)
-        out = out.flatten(2, 3).to(q.dtype)
+        out = attend_text_first(self, q, k, v, text_len)
         if parallel:
             return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
         text_out, image_out = out[:, :text_len], out[:, text_len:]
